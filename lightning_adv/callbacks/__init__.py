@@ -1,0 +1,7 @@
+"""The Lightning layer of lightning_adv: callbacks (automatic optimization) and the mixin (manual)."""
+
+from lightning_adv.callbacks.awp import AWPCallback
+from lightning_adv.callbacks.base import AdversarialCallback
+from lightning_adv.callbacks.fgm import FGMCallback
+
+__all__ = ["AWPCallback", "AdversarialCallback", "FGMCallback"]

@@ -1,0 +1,67 @@
+"""AWPCallback: Adversarial Weight Perturbation for any automatic-optimization LightningModule."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_adv.callbacks.base import AdversarialCallback
+from lightning_adv.core.awp import AWP, check_steps
+from lightning_adv.core.fgm import check_non_negative
+
+
+class AWPCallback(AdversarialCallback):
+    """Replaces every training micro-batch's gradient by the gradient at adversarially perturbed weights.
+
+    After the clean backward, each trainable parameter whose name contains ``adv_param`` moves by
+    ``adv_lr * g / (||g|| + 1e-6) * (||w|| + 1e-6)``, each element kept within ``adv_eps * |w|`` of its
+    saved value, for ``adv_step`` passes; the micro-batch's gradient is replaced by the one of the last
+    pass and the weights are restored exactly. Gradients of earlier micro-batches (accumulation) are
+    kept. Logs ``adv/awp_loss``, ``adv/awp_attacks`` and ``adv/awp_skipped``.
+
+    Args:
+        adv_param: substring of the names of the parameters to perturb.
+        adv_lr: step size relative to the weight norm (>= 0); 0 disables the attack.
+        adv_eps: bound of each element's perturbation relative to its absolute value (>= 0).
+        start_epoch: first epoch (counted from 0) that is attacked.
+        adv_step: number of adversarial passes (>= 1).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from lightning_adv import AWPCallback
+        >>> awp = AWPCallback(adv_lr=1.0, adv_eps=0.01, adv_step=2)
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[awp], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> awp.attacks
+        2
+    """
+
+    log_name = "awp"
+
+    def __init__(
+        self,
+        adv_param: str = "weight",
+        adv_lr: float = 1.0,
+        adv_eps: float = 0.2,
+        start_epoch: int = 0,
+        adv_step: int = 1,
+    ) -> None:
+        owner = type(self).__name__
+        check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)
+        check_steps(owner, adv_step)
+        super().__init__(start_epoch=start_epoch)
+        self.adv_param = adv_param
+        self.adv_lr = adv_lr
+        self.adv_eps = adv_eps
+        self.adv_step = adv_step
+
+    def enabled(self) -> bool:
+        return self.adv_lr != 0
+
+    def build_attack(self, pl_module: nn.Module) -> AWP:
+        try:
+            return AWP(pl_module, adv_param=self.adv_param, adv_lr=self.adv_lr, adv_eps=self.adv_eps, adv_step=self.adv_step)
+        except ValueError as err:
+            raise ValueError(str(err).replace("AWP(", "AWPCallback(", 1)) from None

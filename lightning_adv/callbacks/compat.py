@@ -1,0 +1,60 @@
+"""Every access to Lightning internals lives here, each covered by a test, since private names move."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+
+def step_args(pl_module: Any, batch: Any, batch_idx: int) -> tuple:
+    """The positional arguments Lightning passes to ``training_step`` (``batch_idx`` is optional)."""
+    if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        return (batch, batch_idx)
+    return (batch,)
+
+
+def run_step(trainer: Any, method: str, args: Sequence[Any]) -> Any:
+    """Call ``method`` of the LightningModule the way Lightning calls ``training_step``.
+
+    Under the precision plugin's autocast and, with DDP, through the ``DistributedDataParallel`` forward,
+    so that the reducer is prepared for the backward that follows.
+    """
+    strategy = trainer.strategy
+    if method == "training_step":
+        return strategy.training_step(*args)
+    module = strategy.lightning_module
+    with strategy.precision_plugin.train_step_context():
+        if strategy.model is not None and strategy.model is not module:
+            return strategy._forward_redirection(strategy.model, module, method, *args)
+        return getattr(module, method)(*args)
+
+
+def will_step_optimizer(trainer: Any) -> bool:
+    """Whether the current micro-batch is the last of its accumulation window (Lightning syncs DDP on it)."""
+    try:
+        return not trainer.fit_loop._should_accumulate()
+    except AttributeError as err:  # pragma: no cover - only on an unsupported Lightning release
+        raise RuntimeError(
+            "lightning_adv could not ask Lightning whether this micro-batch steps the optimizer "
+            "(`trainer.fit_loop._should_accumulate`); this Lightning release is not supported."
+        ) from err
+
+
+def scaler_of(trainer: Any) -> Optional[torch.amp.GradScaler]:
+    """The precision plugin's GradScaler (16-mixed), or None."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def ddp_module(trainer: Any) -> Optional[DistributedDataParallel]:
+    """The ``DistributedDataParallel`` wrapper of the model during fit, or None."""
+    model = getattr(trainer.strategy, "model", None)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def ddp_kwargs(strategy: Any) -> dict:
+    """The keyword arguments the DDP strategy passes to ``DistributedDataParallel``."""
+    return dict(getattr(strategy, "_ddp_kwargs", {}) or {})

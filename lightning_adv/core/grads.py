@@ -1,0 +1,70 @@
+"""Keeping the gradients of earlier micro-batches aside, so that an attack sees one micro-batch's gradient."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+import torch
+
+
+class GradientStash:
+    """Moves the gradients already accumulated in ``.grad`` out of the way and puts them back later.
+
+    With gradient accumulation, ``.grad`` holds the sum over earlier micro-batches. An attack must be driven
+    by the current micro-batch's own gradient, and AWP must replace only that micro-batch's gradient, so
+    the earlier sum is moved aside (the ``.grad`` references are swapped: no copy) before the clean
+    backward and merged back (``earlier + current``) before the last backward of the attack.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> (2 * w).sum().backward()            # an earlier micro-batch
+        >>> stash = GradientStash([w])
+        >>> stash.stash()
+        >>> w.grad is None
+        True
+        >>> (3 * w).sum().backward()            # this micro-batch alone
+        >>> w.grad.tolist()
+        [3.0, 3.0, 3.0]
+        >>> stash.merge()
+        >>> w.grad.tolist()
+        [5.0, 5.0, 5.0]
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params: List[torch.Tensor] = [p for p in params]
+        self._saved: Optional[List[Optional[torch.Tensor]]] = None
+
+    @property
+    def active(self) -> bool:
+        """Whether gradients are currently held aside."""
+        return self._saved is not None
+
+    def stash(self) -> None:
+        """Move every ``.grad`` aside (idempotent while active)."""
+        if self._saved is not None:
+            return
+        saved: List[Optional[torch.Tensor]] = []
+        for p in self.params:
+            saved.append(p.grad)
+            p.grad = None
+        self._saved = saved
+
+    def merge(self) -> None:
+        """Put the earlier gradients back, adding them to whatever ``.grad`` holds now (idempotent)."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        to_add: List[torch.Tensor] = []
+        into: List[torch.Tensor] = []
+        for p, old in zip(self.params, saved):
+            if old is None:
+                continue
+            if p.grad is None:
+                p.grad = old
+            else:
+                into.append(p.grad)
+                to_add.append(old)
+        if into:
+            torch._foreach_add_(into, to_add)
