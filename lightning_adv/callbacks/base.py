@@ -18,6 +18,7 @@ from lightning_adv.callbacks.isolation import StateGuard, silenced_logging
 from lightning_adv.core.attack import ParameterAttack
 from lightning_adv.core.grads import GradientStash
 
+_SHARDING = ("DeepSpeed", "FSDP", "XLA", "ModelParallel")  # DeepSpeedStrategy subclasses DDPStrategy
 SUPPORTED_STRATEGIES = "single device ('auto' on one device), 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'"
 
 
@@ -178,7 +179,8 @@ class AdversarialCallback(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__.endswith("XLAStrategy"):
+        sharded = any(any(word in c.__name__ for word in _SHARDING) for c in type(strategy).__mro__)
+        if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
                 f"{type(self).__name__} does not support the strategy {type(strategy).__name__}: strategies that "
                 f"shard parameters or gradients (FSDP, DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}."
@@ -236,7 +238,7 @@ class AdversarialCallback(Callback):
         k = trainer.accumulate_grad_batches
 
         def closure() -> Optional[torch.Tensor]:
-            with silenced_logging(pl_module), guard.preserved():
+            with silenced_logging(pl_module):
                 return loss_of(compat.run_step(trainer, method, args))
 
         def backward(loss: torch.Tensor) -> None:
@@ -246,7 +248,8 @@ class AdversarialCallback(Callback):
                 loss = scaler.scale(loss)
             trainer.precision_plugin.backward(loss, pl_module, optimizer)
 
-        with adversarial_pass(pl_module):
+        # buffers are restored after the backward passes: autograd may have saved them (BatchNorm, BERT ids)
+        with adversarial_pass(pl_module), guard.preserved():
             round_.run(closure, backward)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

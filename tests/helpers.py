@@ -1,0 +1,202 @@
+"""Shared test fixtures: tiny models, data, and a plain-PyTorch loop running the reference algorithms."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, DIM, SEQ, CLASSES = 40, 8, 5, 3
+
+
+class TinyText(nn.Module):
+    """Embedding + mean pooling + MLP: names like a transformer's ('embeddings.word_embeddings.weight')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(VOCAB, DIM)
+        self.hidden = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embeddings.word_embeddings(ids).mean(dim=1)
+        return self.head(torch.tanh(self.hidden(h)))
+
+
+def make_data(n: int = 16, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+
+
+def loader(ds: TensorDataset, batch_size: int = 4) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+class TextModule(L.LightningModule):
+    """Logs its loss and a torchmetrics accuracy; records the clean values to check isolation."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.05, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = TinyText().to(dtype)
+        self.lr = lr
+        self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=CLASSES, average="micro")
+        self.clean_losses: List[float] = []
+        self.update_counts: List[int] = []
+        self.steps_run = 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_counts.append(int(self.acc._update_count))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, y = batch
+        logits = self.model(ids)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.steps_run += 1
+        if not getattr(self, "_adv_active", False):
+            self.clean_losses.append(float(loss.detach()))
+        self.acc(logits.argmax(-1), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", self.acc, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    defaults: Dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference algorithms, as the article writes them (per-parameter loops, host-side checks, three saved
+# copies for AWP), in a plain loop with the micro-batch fix: every micro-batch is attacked with its own clean
+# gradient and earlier micro-batches' gradients are kept.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RefFGM:
+    def __init__(self, model: nn.Module, epsilon: float, emb_name: str) -> None:
+        self.model, self.epsilon, self.emb_name, self.backup = model, epsilon, emb_name, {}
+
+    def attack(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and self.emb_name in name:
+                self.backup[name] = param.data.clone()
+                norm = torch.norm(param.grad)
+                if norm != 0 and torch.isfinite(norm):
+                    param.data.add_(self.epsilon * param.grad / norm)
+
+    def restore(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self.backup:
+                param.data = self.backup[name]
+        self.backup = {}
+
+
+class RefAWP:
+    def __init__(self, model: nn.Module, adv_param: str, adv_lr: float, adv_eps: float, adv_step: int) -> None:
+        self.model, self.adv_param, self.adv_lr, self.adv_eps, self.adv_step = model, adv_param, adv_lr, adv_eps, adv_step
+        self.backup: Dict[str, torch.Tensor] = {}
+        self.bounds: Dict[str, Any] = {}
+
+    def attack_backward(self, loss_fn: Any, backward: Any) -> None:
+        self._save()
+        for _ in range(self.adv_step):
+            self._attack_step()
+            loss = loss_fn()
+            self.model.zero_grad(set_to_none=True)
+            backward(loss)
+        for name, param in self.model.named_parameters():
+            if name in self.backup:
+                param.data = self.backup[name]
+        self.backup, self.bounds = {}, {}
+
+    def _attack_step(self) -> None:
+        e = 1e-6
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                norm1, norm2 = torch.norm(param.grad), torch.norm(param.data.detach())
+                if norm1 != 0 and not torch.isnan(norm1):
+                    param.data.add_(self.adv_lr * param.grad / (norm1 + e) * (norm2 + e))
+                    param.data = torch.min(torch.max(param.data, self.bounds[name][0]), self.bounds[name][1])
+
+    def _save(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                if name not in self.backup:
+                    self.backup[name] = param.data.clone()
+                eps = self.adv_eps * param.abs().detach()
+                self.bounds[name] = (self.backup[name] - eps, self.backup[name] + eps)
+
+
+def reference_fit(
+    module: TextModule,
+    batches: List[Any],
+    *,
+    epochs: int,
+    method: Optional[str],
+    kwargs: Dict[str, Any],
+    accumulate: int = 1,
+    clip: Optional[float] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    start_epoch: int = 0,
+) -> None:
+    """Train ``module.model`` with the reference algorithm and the optimizer of ``module``."""
+    model = module.model
+    opt = module.configure_optimizers()
+    params = list(model.parameters())
+
+    def loss_fn(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            return nn.functional.cross_entropy(model(ids), y)
+
+    def backward(loss: torch.Tensor) -> None:
+        loss = loss / accumulate
+        (scaler.scale(loss) if scaler else loss).backward()
+
+    for epoch in range(epochs):
+        for i, (ids, y) in enumerate(batches):
+            earlier = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            backward(loss_fn(ids, y))
+            if method is not None and epoch >= start_epoch:
+                if method == "fgm":
+                    fgm = RefFGM(model, **kwargs)
+                    fgm.attack()
+                    backward(loss_fn(ids, y))
+                    fgm.restore()
+                else:
+                    RefAWP(model, **kwargs).attack_backward(lambda: loss_fn(ids, y), backward)
+            for p, old in zip(params, earlier):
+                if old is not None:
+                    p.grad = old if p.grad is None else p.grad + old
+            if (i + 1) % accumulate == 0:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,268 @@
+"""Behaviour of the callbacks beyond the arithmetic: isolation, safety, errors, resume, real models."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import CLASSES, TextModule, loader, make_data, max_diff, trainer
+from lightning_adv import AWP, FGM, AWPCallback, FGMCallback
+
+
+@pytest.mark.parametrize("cb", [FGMCallback(epsilon=2.0), AWPCallback(adv_lr=1.0, adv_eps=0.3)])
+def test_logging_and_metrics_see_only_clean_passes(cb):
+    module = TextModule()
+    trainer(max_epochs=1, callbacks=[cb]).fit(module, loader(make_data(16)))
+    metrics = trainer_metrics = module.trainer.callback_metrics
+    clean = torch.tensor(module.clean_losses)
+    assert module.steps_run == 8  # 4 clean + 4 adversarial runs of training_step
+    assert len(clean) == 4
+    assert torch.allclose(trainer_metrics["train_loss_epoch"], clean.mean(), atol=1e-6)
+    assert torch.allclose(metrics["train_loss_step"], clean[-1], atol=1e-6)
+    assert module.update_counts == [1, 2, 3, 4]
+    # the adversarial loss is logged separately, and differs from the clean one
+    name = f"adv/{cb.log_name}"
+    assert float(metrics[f"{name}_attacks"]) == 4 and float(metrics[f"{name}_skipped"]) == 0
+    assert float(metrics[f"{name}_loss_epoch"]) > float(clean.mean())
+
+
+def test_metric_accuracy_equals_clean_predictions():
+    class Recording(TextModule):
+        def on_fit_start(self):
+            self.correct = []
+
+        def training_step(self, batch, batch_idx):
+            if not getattr(self, "_adv_active", False):
+                self.correct.append((self.model(batch[0]).argmax(-1) == batch[1]).float())
+            return super().training_step(batch, batch_idx)
+
+    module = Recording()
+    trainer(max_epochs=1, callbacks=[FGMCallback(epsilon=3.0)]).fit(module, loader(make_data(16)))
+    expected = torch.cat(module.correct).mean()
+    assert torch.allclose(module.trainer.callback_metrics["train_acc_epoch"], expected)
+
+
+class BNModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.bn(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_batchnorm_running_statistics_untouched_by_adversarial_pass():
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(24, 6, generator=g) * 3 + 1, torch.randint(0, 2, (24,), generator=g))
+    module = BNModule()
+    trainer(max_epochs=1, callbacks=[AWPCallback(adv_lr=1.0, adv_eps=0.5, adv_step=2)]).fit(module, DataLoader(ds, batch_size=6))
+    expected = nn.BatchNorm1d(6)  # BN statistics depend on the inputs only: replay the clean passes
+    for x, _ in DataLoader(ds, batch_size=6):
+        expected(x)
+    assert int(module.bn.num_batches_tracked) == 4
+    assert torch.allclose(module.bn.running_mean, expected.running_mean)
+    assert torch.allclose(module.bn.running_var, expected.running_var)
+
+
+class Exploding(TextModule):
+    def training_step(self, batch, batch_idx):
+        if getattr(self, "_adv_active", False):
+            self.seen_perturbed = [p.detach().clone() for p in self.model.parameters()]
+            raise RuntimeError("boom in the adversarial pass")
+        self.before = [p.detach().clone() for p in self.model.parameters()]
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("cb", [FGMCallback(epsilon=1.0), AWPCallback(adv_lr=1.0, adv_step=2)])
+def test_weights_restored_when_the_adversarial_pass_raises(cb):
+    module = Exploding()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_epochs=1, callbacks=[cb]).fit(module, loader(make_data(8)))
+    after = list(module.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(module.seen_perturbed, module.before))  # it was perturbed
+    assert all(torch.equal(a, b) for a, b in zip(after, module.before))  # and restored
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: FGMCallback(epsilon=-1.0), r"FGMCallback\(epsilon=-1.0\): epsilon must be a finite number >= 0"),
+        (lambda: FGMCallback(epsilon=float("nan")), r"epsilon must be a finite number"),
+        (lambda: FGMCallback(start_epoch=-1), r"FGMCallback\(start_epoch=-1\): start_epoch must be an integer >= 0"),
+        (lambda: AWPCallback(adv_lr=-0.1), r"AWPCallback\(adv_lr=-0.1\): adv_lr must be"),
+        (lambda: AWPCallback(adv_eps=-0.2), r"AWPCallback\(adv_eps=-0.2\): adv_eps must be"),
+        (lambda: AWPCallback(adv_step=0), r"AWPCallback\(adv_step=0\): adv_step must be an integer >= 1"),
+        (lambda: AWPCallback(start_epoch=-2), r"start_epoch must be an integer >= 0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_unmatched_embedding_name_lists_candidates_at_setup():
+    with pytest.raises(ValueError, match=r"FGMCallback\(emb_name='word_embedding_typo'\) matches no trainable parameter.*model\.embeddings\.word_embeddings\.weight"):
+        trainer(max_steps=1, callbacks=[FGMCallback(emb_name="word_embedding_typo")]).fit(TextModule(), loader(make_data(8)))
+
+
+def test_frozen_match_is_reported():
+    module = TextModule()
+    module.model.embeddings.word_embeddings.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"matches only frozen parameters.*word_embeddings"):
+        trainer(max_steps=1, callbacks=[FGMCallback()]).fit(module, loader(make_data(8)))
+    with pytest.raises(ValueError, match=r"AWPCallback\(adv_param='nothing'\) matches no trainable"):
+        trainer(max_steps=1, callbacks=[AWPCallback(adv_param="nothing")]).fit(TextModule(), loader(make_data(8)))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharding_strategies_refused_at_setup(strategy):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if strategy == "fsdp":
+        made = FSDPStrategy()
+    else:  # DeepSpeed is not installed here: an instance of the class, never set up
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        made = object.__new__(DeepSpeedStrategy)
+
+    class T:
+        pass
+
+    t = T()
+    t.strategy = made
+    with pytest.raises(ValueError, match=r"does not support the strategy (FSDP|DeepSpeed)Strategy.*Supported: single device"):
+        FGMCallback().setup(t, TextModule(), "fit")
+
+
+def test_checkpoint_resume_keeps_counters(tmp_path):
+    ds = make_data(16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = FGMCallback(epsilon=0.5)
+    trainer(max_steps=3, callbacks=[first, ckpt], enable_checkpointing=True).fit(TextModule(), loader(ds))
+    assert first.attacks == 3
+    second = FGMCallback(epsilon=0.9)  # a changed hyperparameter must not lose the state
+    assert second.state_key == first.state_key
+    trainer(max_steps=6, callbacks=[second, ModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True).fit(
+        TextModule(), loader(ds), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert second.attacks == 6 and second.state_dict() == {"attacks": 6, "skipped": 0}
+
+
+def test_fp16_overflow_skips_the_attack_and_counts_it():
+    class Overflowing(TextModule):
+        def training_step(self, batch, batch_idx):
+            logits = self.model(batch[0]) * 3e4  # fp16 logits overflow: non-finite gradients
+            return nn.functional.cross_entropy(logits, batch[1])
+
+    module = Overflowing()
+    cb = FGMCallback()
+    trainer(max_steps=2, callbacks=[cb], plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module, loader(make_data(8)))
+    assert cb.attacks == 2 and cb.skipped == 2
+
+
+def test_core_skip_leaves_weights_unperturbed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    for attack in (FGM(model, emb_name="0.weight"), AWP(model, adv_lr=1.0)):
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        seen = []
+
+        def closure():
+            seen.append([p.detach().clone() for p in model.parameters()])
+            return model(torch.tensor([[1, 2]])).sum()
+
+        attack.attack_backward(closure)
+        assert all(torch.equal(a, b) for a, b in zip(seen[0], before))
+        assert bool(attack.last_skipped)
+
+
+def test_adversarial_loss_hook_is_used_and_training_step_not_rerun():
+    class WithHook(TextModule):
+        hook_calls = 0
+
+        def adversarial_loss(self, batch, batch_idx):
+            self.hook_calls += 1
+            return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+    module = WithHook()
+    trainer(max_epochs=1, callbacks=[FGMCallback()]).fit(module, loader(make_data(16)))
+    assert module.hook_calls == 4 and module.steps_run == 4
+
+
+def test_manual_optimization_module_is_not_rerun_and_warned():
+    class Manual(TextModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.steps_run += 1
+            self.manual_backward(nn.functional.cross_entropy(self.model(batch[0]), batch[1]))
+            opt.step()
+
+    module = Manual()
+    with pytest.warns(UserWarning, match="manual optimization.*adversarial_backward") as record:
+        trainer(max_epochs=1, callbacks=[FGMCallback()]).fit(module, loader(make_data(16)))
+    assert module.steps_run == 4 and module.trainer.global_step == 4
+    assert sum("adversarial_backward" in str(w.message) for w in record) == 1
+
+
+def test_tied_embeddings_matched_once_under_either_name():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(10, 4)
+            self.decoder = nn.Linear(4, 10, bias=False)
+            self.decoder.weight = self.word_embeddings.weight
+
+    model = Tied()
+    assert len(FGM(model, emb_name="decoder").parameters) == 1
+    assert len(AWP(model, adv_param="weight").parameters) == 1
+
+
+def test_tiny_random_bert_trains_with_both_callbacks():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    class Bert(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=16, num_labels=2)
+            self.model = BertForSequenceClassification(cfg)
+
+        def training_step(self, batch, batch_idx):
+            ids, y = batch
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=y)
+            self.log("loss", out.loss)
+            return out.loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randint(0, 60, (16, 8), generator=g), torch.randint(0, 2, (16,), generator=g))
+    module = Bert()
+    before = copy.deepcopy(module.model.bert.embeddings.word_embeddings.weight.detach())
+    fgm, awp = FGMCallback(epsilon=1.0), AWPCallback(adv_lr=0.5, adv_eps=0.01)
+    trainer(max_epochs=1, callbacks=[fgm, awp], precision="bf16-mixed").fit(module, DataLoader(ds, batch_size=4))
+    metrics = module.trainer.callback_metrics
+    assert fgm.attacks == 4 and awp.attacks == 4
+    assert torch.isfinite(metrics["adv/fgm_loss_epoch"]) and torch.isfinite(metrics["adv/awp_loss_epoch"])
+    assert not torch.equal(before, module.model.bert.embeddings.word_embeddings.weight)
