@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, List, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -98,6 +99,31 @@ class ParameterAttack(ABC):
             self.restore()
         self.last_loss = loss.detach()
         return self.last_loss
+
+    @contextmanager
+    def perturbed(self) -> Iterator[torch.Tensor]:
+        """Perturb once from the gradients in ``.grad`` and restore on exit; yields the 0-d bool "all finite".
+
+        For evaluation under attack (no backward needed)::
+
+            >>> import torch
+            >>> from lightning_adv.core import FGM
+            >>> emb = torch.nn.Embedding(5, 3)
+            >>> fgm = FGM(emb, epsilon=1.0, emb_name="weight")
+            >>> emb(torch.tensor([1, 2])).sum().backward()
+            >>> before = emb.weight.detach().clone()
+            >>> with fgm.perturbed():
+            ...     moved = float((emb.weight - before).norm())
+            >>> round(moved, 6), bool(torch.equal(emb.weight, before))
+            (1.0, True)
+        """
+        params = with_grad(self.parameters)
+        self._perturbed = params
+        self._backup = [p.detach().clone() for p in params]
+        try:
+            yield self._perturb(params)
+        finally:
+            self.restore()
 
     def restore(self) -> None:
         """Copy the saved values back into the perturbed parameters, in place (idempotent)."""
