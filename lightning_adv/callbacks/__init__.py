@@ -3,5 +3,6 @@
 from lightning_adv.callbacks.awp import AWPCallback
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.callbacks.fgm import FGMCallback
+from lightning_adv.callbacks.mixin import AdversarialMixin
 
-__all__ = ["AWPCallback", "AdversarialCallback", "FGMCallback"]
+__all__ = ["AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback"]

@@ -11,7 +11,6 @@ from torch import nn
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.isolation import StateGuard, silenced_logging
@@ -179,13 +178,15 @@ class AdversarialCallback(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        sharded = any(any(word in c.__name__ for word in _SHARDING) for c in type(strategy).__mro__)
-        if sharded or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        # by class name: the same check holds for `lightning.pytorch` and `pytorch_lightning` strategies
+        names = [c.__name__ for c in type(strategy).__mro__]
+        sharded = any(word in name for name in names for word in _SHARDING)
+        if sharded or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
             raise ValueError(
                 f"{type(self).__name__} does not support the strategy {type(strategy).__name__}: strategies that "
                 f"shard parameters or gradients (FSDP, DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}."
             )
-        if isinstance(strategy, DDPStrategy) and compat.ddp_kwargs(strategy).get("gradient_as_bucket_view"):
+        if "DDPStrategy" in names and compat.ddp_kwargs(strategy).get("gradient_as_bucket_view"):
             raise ValueError(
                 f"{type(self).__name__} needs DDPStrategy(gradient_as_bucket_view=False) (the default): it moves "
                 "gradients aside between backward passes, which bucket views do not allow."

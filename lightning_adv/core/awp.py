@@ -100,7 +100,8 @@ class AWP(ParameterAttack):
 
     def _before_pass(self) -> None:
         for p in self.model.parameters():
-            p.grad = None
+            if p.requires_grad:  # frozen ones (another optimizer's, under toggle_optimizer) keep theirs
+                p.grad = None
 
 
 def check_steps(owner: str, adv_step: int) -> None:
