@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_adv import AdversarialMixin
 from reference_snippets import RefAWP, RefFGM
 
 VOCAB, DIM, SEQ, CLASSES = 40, 8, 5, 3
@@ -70,6 +71,36 @@ class TextModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class ManualText(AdversarialMixin, TextModule):
+    """Steps every ``accumulate`` batches, accumulating by hand (the loss is divided by ``accumulate``)."""
+
+    def __init__(self, accumulate: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.k = accumulate
+        self.loss_fn_calls = 0
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        ids, y = batch
+
+        def loss_fn():
+            self.loss_fn_calls += 1
+            logits = self.model(ids)
+            loss = nn.functional.cross_entropy(logits, y)
+            self.acc(logits.argmax(-1), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            self.log("train_acc", self.acc, on_step=True, on_epoch=True)
+            return loss / self.k
+
+        loss = self.adversarial_backward(loss_fn)
+        if not getattr(self, "_adv_active", False):
+            self.clean_losses.append(float(loss.detach()) * self.k)
+        if (batch_idx + 1) % self.k == 0:
+            opt.step()
+            opt.zero_grad()
 
 
 def trainer(**kwargs: Any) -> L.Trainer:

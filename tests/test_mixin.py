@@ -9,41 +9,11 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from helpers import TextModule, loader, make_data, max_diff, reference_fit, trainer
+from helpers import ManualText, TextModule, loader, make_data, max_diff, reference_fit, trainer
 from lightning_adv import AdversarialMixin, AWPCallback, FGMCallback
 
 FGM_KW = dict(epsilon=0.7, emb_name="word_embeddings")
 AWP_KW = dict(adv_param="weight", adv_lr=0.5, adv_eps=0.05, adv_step=2)
-
-
-class ManualText(AdversarialMixin, TextModule):
-    """Steps every ``accumulate`` batches, accumulating by hand (the loss is divided by ``accumulate``)."""
-
-    def __init__(self, accumulate: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-        self.k = accumulate
-        self.loss_fn_calls = 0
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        ids, y = batch
-
-        def loss_fn():
-            self.loss_fn_calls += 1
-            logits = self.model(ids)
-            loss = nn.functional.cross_entropy(logits, y)
-            self.acc(logits.argmax(-1), y)
-            self.log("train_loss", loss, on_step=True, on_epoch=True)
-            self.log("train_acc", self.acc, on_step=True, on_epoch=True)
-            return loss / self.k
-
-        loss = self.adversarial_backward(loss_fn)
-        if not getattr(self, "_adv_active", False):
-            self.clean_losses.append(float(loss.detach()) * self.k)
-        if (batch_idx + 1) % self.k == 0:
-            opt.step()
-            opt.zero_grad()
 
 
 def fit_pair(method, kwargs, *, accumulate=1, epochs=2, dtype=torch.float64, precision="64-true", plugins=None, scaler=None, ref_autocast=None):

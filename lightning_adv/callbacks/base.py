@@ -90,9 +90,11 @@ class AttackRound:
             self.stash.merge()
             self.sync.arm(self.will_sync)
 
+        world = self.sync.ddp.process_group.size() if self.sync.ddp is not None and self.sync.ddp.process_group is not None else 1
         try:
             for j, cb in enumerate(self.attackers):
                 last = j == len(self.attackers) - 1
+                cb._attack.grad_scale = 1.0 / world
                 cb._attack.attack_backward(closure, backward, finish if last else None)
                 cb._record(self.pl_module)
         finally:

@@ -42,6 +42,10 @@ class ParameterAttack(ABC):
         """0-d bool tensor: whether the last attack was skipped for a non-finite gradient norm."""
         self.last_loss: Optional[torch.Tensor] = None
         """The detached loss of the last adversarial pass."""
+        self.grad_scale: float = 1.0
+        """Factor from the gradients in ``.grad`` to the gradient the attack is defined on: ``1 / world_size``
+        under DDP, where a rank holds its local gradient of which the optimizer step sees the mean. Only
+        size-dependent terms see it (AWP's 1e-6 guard); directions do not."""
 
     @property
     def parameters(self) -> List[torch.Tensor]:

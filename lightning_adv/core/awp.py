@@ -81,7 +81,8 @@ class AWP(ParameterAttack):
         weight_norms = norms(weights)
         finite = torch.isfinite(grad_norms).all()
         usable = finite & (grad_norms != 0)
-        scales = torch.where(usable, self.adv_lr * (weight_norms + _GUARD) / (grad_norms + _GUARD), 0.0)
+        c = self.grad_scale
+        scales = torch.where(usable, self.adv_lr * c * (weight_norms + _GUARD) / (grad_norms * c + _GUARD), 0.0)
         # the gradient buffers are discarded after this pass: compute the step and then the bound in them
         torch._foreach_mul_(grads, list(scales.unbind()))
         for step in grads:  # inf * 0 would be nan: a skipped pass must leave the weights as they are

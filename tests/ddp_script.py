@@ -1,0 +1,97 @@
+"""Runs a matrix of 2-rank CPU DDP fits (gloo) and saves every rank's weights after every optimizer step.
+
+Launched by tests/test_ddp.py as ``python tests/ddp_script.py OUT_DIR STRATEGY CONFIG [CONFIG ...]``; a CONFIG
+is ``name:method:adv_step:accumulate:precision:find_unused:manual``. Lightning re-runs this script for rank 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+
+from helpers import ManualText, TextModule, make_data, trainer  # noqa: E402
+from lightning_adv import AWPCallback, FGMCallback  # noqa: E402
+
+ALLREDUCES = [0]
+
+
+def counting_allreduce(state, bucket):
+    """The default all-reduce hook, counted."""
+    ALLREDUCES[0] += 1
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.weights, self.allreduces, self._seen = [], [], 0
+
+    def on_fit_start(self, trainer, pl_module):
+        # Lightning registers DDP comm hooks only on CUDA: register the counting hook on CPU ourselves
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+        self._seen = ALLREDUCES[0]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > len(self.weights):
+            net = pl_module.model
+            self.weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]).clone())
+            self.allreduces.append(ALLREDUCES[0] - self._seen)
+            self._seen = ALLREDUCES[0]
+
+
+class Data(L.LightningDataModule):
+    """Each rank reads its DistributedSampler share in order (no shuffling), 2 samples per batch."""
+
+    def train_dataloader(self) -> DataLoader:
+        ds = make_data(16)
+        sampler = DistributedSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(ds, batch_size=2, sampler=sampler)
+
+
+def parse(config: str) -> dict:
+    name, method, adv_step, acc, precision, find_unused, manual = config.split(":")
+    return dict(name=name, method=method, adv_step=int(adv_step), accumulate=int(acc), precision=precision,
+                find_unused=find_unused == "1", manual=manual == "1")
+
+
+def callbacks_for(cfg: dict) -> list:
+    if cfg["method"] == "fgm":
+        return [FGMCallback(epsilon=0.7)]
+    if cfg["method"] == "awp":
+        return [AWPCallback(adv_lr=0.5, adv_eps=0.05, adv_step=cfg["adv_step"])]
+    return []
+
+
+def main() -> None:
+    out, strategy_name, configs = sys.argv[1], sys.argv[2], [parse(c) for c in sys.argv[3:]]
+    for cfg in configs:
+        dtype = torch.float64 if cfg["precision"] == "64-true" else torch.float32
+        module = ManualText(dtype=dtype) if cfg["manual"] else TextModule(dtype=dtype)
+        recorder = Recorder()
+        attack_cbs = callbacks_for(cfg)
+        strategy = DDPStrategy(find_unused_parameters=cfg["find_unused"], start_method="spawn" if strategy_name == "ddp_spawn" else "popen")
+        t = trainer(max_epochs=2, devices=2, strategy=strategy, precision=cfg["precision"],
+                    accumulate_grad_batches=1 if cfg["manual"] else cfg["accumulate"], callbacks=attack_cbs + [recorder],
+                    use_distributed_sampler=False)
+        t.fit(module, datamodule=Data())
+        metrics = {k: float(v) for k, v in t.callback_metrics.items()}
+        result = dict(weights=recorder.weights, allreduces=recorder.allreduces, metrics=metrics,
+                      attacks=[cb.attacks for cb in attack_cbs], rank=t.global_rank)
+        if strategy_name == "ddp_spawn":  # the main process gets back only callback_metrics: check them there
+            if t.global_rank == 0:
+                torch.save(dict(metrics=metrics, attacks=[cb.attacks for cb in attack_cbs]), os.path.join(out, f"{cfg['name']}_main.pt"))
+        else:
+            torch.save(result, os.path.join(out, f"{cfg['name']}_rank{t.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""DDP on 2 CPU ranks (gloo): every rank identical, one all-reduce per step, equal to single-process accumulation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from helpers import ManualText, TextModule, make_data, trainer
+from lightning_adv import AWPCallback, FGMCallback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD, BATCH = 2, 2
+
+CONFIGS = [
+    # name:method:adv_step:accumulate:precision:find_unused:manual
+    "none:none:1:1:64-true:0:0",
+    "fgm_k1:fgm:1:1:64-true:0:0",
+    "fgm_k2_unused:fgm:1:2:64-true:1:0",
+    "awp1_k1_unused:awp:1:1:64-true:1:0",
+    "awp2_k2:awp:2:2:64-true:0:0",
+    "awp2_k1_fp32_unused:awp:2:1:32-true:1:0",
+    "fgm_k2_bf16:fgm:1:2:bf16-mixed:0:0",
+    "awp2_k1_bf16_unused:awp:2:1:bf16-mixed:1:0",
+    "manual_fgm:fgm:1:1:64-true:0:1",
+    "manual_awp2_unused:awp:2:1:64-true:1:1",
+]
+
+
+def _launch(out, strategy, configs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_script.py"), str(out), strategy, *configs],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _launch(out, "ddp", CONFIGS)
+    return {c.split(":")[0]: [torch.load(out / f"{c.split(':')[0]}_rank{r}.pt") for r in range(WORLD)] for c in CONFIGS}
+
+
+def single_process_reference(cfg):
+    """One process, accumulate_grad_batches = WORLD * k, over the micro-batches in DistributedSampler's order."""
+    name, method, adv_step, acc, precision, _, manual = cfg.split(":")
+    adv_step, acc, manual = int(adv_step), int(acc), manual == "1"
+    ds = make_data(16)
+    per_rank = [list(range(r, len(ds), WORLD)) for r in range(WORLD)]  # DistributedSampler, shuffle=False
+    order = [i for s in range(len(per_rank[0]) // BATCH) for r in range(WORLD) for i in per_rank[r][s * BATCH:(s + 1) * BATCH]]
+    data = DataLoader(Subset(ds, order), batch_size=BATCH, shuffle=False)
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    cbs = {"fgm": [FGMCallback(epsilon=0.7)], "awp": [AWPCallback(adv_lr=0.5, adv_eps=0.05, adv_step=adv_step)]}.get(method, [])
+    if manual:
+        module = ManualText(accumulate=WORLD, dtype=dtype)
+        trainer(max_epochs=2, precision=precision, callbacks=cbs).fit(module, data)
+    else:
+        module = TextModule(dtype=dtype)
+        trainer(max_epochs=2, precision=precision, callbacks=cbs, accumulate_grad_batches=WORLD * acc).fit(module, data)
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_ranks_identical_and_equal_to_single_process_accumulation(ddp_results, cfg):
+    name, method, _, acc, precision = cfg.split(":")[:5]
+    ranks = ddp_results[name]
+    steps = 2 * (16 // (WORLD * BATCH)) // int(acc)
+    for r in ranks:
+        assert len(r["weights"]) == steps
+    for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert torch.equal(w0, w1)  # every rank holds identical weights after every step
+    expected = single_process_reference(cfg)
+    tol = 1e-9 if precision == "64-true" else (1e-5 if precision == "32-true" else 2e-3)
+    assert float((ranks[0]["weights"][-1] - expected).abs().max()) < tol
+    if method != "none":
+        assert ranks[0]["attacks"] == [2 * 16 // WORLD // BATCH]  # every micro-batch of this rank attacked
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_one_gradient_allreduce_per_optimizer_step(ddp_results, cfg):
+    name = cfg.split(":")[0]
+    baseline = ddp_results["none"][0]["allreduces"][1:]  # buckets per step without attack (1 for this model)
+    counts = ddp_results[name][0]["allreduces"][1:]  # the first step also rebuilds buckets
+    assert counts and set(counts) == set(baseline) == {1}
+
+
+def test_ddp_spawn_reports_counters_and_adversarial_loss_on_rank_zero(tmp_path):
+    _launch(tmp_path, "ddp_spawn", ["spawn_fgm:fgm:1:1:64-true:0:0"])
+    main = torch.load(tmp_path / "spawn_fgm_main.pt")
+    assert main["metrics"]["adv/fgm_attacks"] == 8.0
+    assert main["metrics"]["adv/fgm_loss_epoch"] > 0
