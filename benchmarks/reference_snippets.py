@@ -33,6 +33,10 @@ class RefFGM:
                 param.data = self.backup[name]
         self.backup = {}
 
+    def saved_bytes(self) -> int:
+        """Bytes held by the snippet's saved state during the attack: the backup of the embedding weights."""
+        return sum(t.numel() * t.element_size() for t in self.backup.values())
+
 
 class RefAWP:
     def __init__(self, model: nn.Module, adv_param: str, adv_lr: float, adv_eps: float, adv_step: int) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import CLASSES, TextModule, loader, make_data, max_diff, trainer
+from helpers import TextModule, loader, make_data, trainer
 from lightning_adv import AWP, FGM, AWPCallback, FGMCallback
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
 from torch import nn
 
-from lightning_adv.core.attack import ParameterAttack, norms
+from lightning_adv.core.attack import ParameterAttack, SavedRows, norm_and_rows, norms
 from lightning_adv.core.fgm import check_non_negative
 from lightning_adv.core.params import select_trainable
 
@@ -71,6 +72,8 @@ class AWP(ParameterAttack):
     @torch.no_grad()
     def _perturb(self, params: List[torch.Tensor]) -> torch.Tensor:
         assert self._backup is not None
+        if self._host:
+            return self._perturb_on_host(params)
         index = [i for i, p in enumerate(params) if p.grad is not None]
         weights = [params[i].detach() for i in index]
         grads = [params[i].grad for i in index]
@@ -99,10 +102,63 @@ class AWP(ParameterAttack):
         torch._foreach_add_(weights, saved)
         return finite
 
+    def _perturb_on_host(self, params: List[torch.Tensor]) -> torch.Tensor:
+        """The same perturbation, parameter by parameter, each saved right before it moves.
+
+        The reference's ``min(max(w + step, w0 - e), w0 + e)``, with ``w0`` the saved weight and
+        ``e = adv_eps * |w0|``, is computed as ``w0 + clamp(w - w0 + step, -e, e)``. For a whole parameter,
+        in seven passes (nine after an earlier adversarial pass moved it): the clamped perturbation in its
+        gradient buffer, which this pass discards, and the bound in the weight itself, rewritten from ``w0``
+        at the end. Where the gradient is zero on most rows (an embedding matrix: a batch touches few of its
+        rows), only the rows it moves: a row whose gradient is zero keeps its value, as in the reference.
+        """
+        index = [i for i, p in enumerate(params) if p.grad is not None]
+        found = {i: norm_and_rows(params[i].grad) for i in index}
+        finite = all(math.isfinite(n) for n, _ in found.values())
+        eps = self.adv_eps
+        if not finite or eps == 0:  # skipped, or every weight clamped back to its saved value: nothing moves
+            return torch.tensor(finite)
+        c = self.grad_scale
+        for i in index:
+            grad_norm, rows = found[i]
+            w, g = params[i].detach(), params[i].grad
+            weight_norm = float(torch.linalg.vector_norm(w, dtype=torch.promote_types(w.dtype, torch.float32)))
+            scale = self.adv_lr * c * (weight_norm + _GUARD) / (grad_norm * c + _GUARD)
+            if grad_norm == 0 or scale == 0:  # no step: the weight stays where it is, within its bounds
+                continue
+            fresh = self._backup[i] is None  # not moved yet: w is w0
+            saved = self._hold(i, rows)
+            if isinstance(saved, SavedRows):
+                _clamped_step_rows(w, g, saved, scale, eps, fresh)
+                continue
+            g.mul_(scale)  # the step
+            if fresh:
+                w.abs_()
+            else:
+                g.add_(w.sub_(saved))  # w - w0 + step
+                torch.abs(saved, out=w)
+            w.mul_(eps)  # e
+            torch.minimum(g, w, out=g)
+            torch.maximum(g, w.neg_(), out=g)
+            torch.add(saved, g, out=w)
+        return torch.tensor(True)
+
     def _before_pass(self) -> None:
         for p in self.model.parameters():
             if p.requires_grad:  # frozen ones (another optimizer's, under toggle_optimizer) keep theirs
                 p.grad = None
+
+
+def _clamped_step_rows(w: torch.Tensor, g: torch.Tensor, saved: SavedRows, scale: float, eps: float, fresh: bool) -> None:
+    """``w0 + clamp(w - w0 + scale * g, -eps |w0|, eps |w0|)`` on the saved rows of ``w`` only."""
+    rows, w0 = saved
+    d = g.index_select(0, rows).mul_(scale)  # the step
+    if not fresh:
+        d.add_(w.index_select(0, rows).sub_(w0))  # w - w0 + step (0 + step on rows saved in this pass)
+    e = w0.abs().mul_(eps)
+    torch.minimum(d, e, out=d)
+    torch.maximum(d, e.neg_(), out=d)
+    w.index_copy_(0, rows, d.add_(w0))
 
 
 def check_steps(owner: str, adv_step: int) -> None:

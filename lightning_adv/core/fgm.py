@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import nn
 
-from lightning_adv.core.attack import ParameterAttack, norms
+from lightning_adv.core.attack import ParameterAttack, norm_and_rows, norms
 from lightning_adv.core.params import select_trainable
 
 
@@ -60,6 +60,8 @@ class FGM(ParameterAttack):
         if not params:
             return torch.ones((), dtype=torch.bool)
         grads = [p.grad for p in params]
+        if self._host:
+            return self._perturb_on_host(params, grads)
         grad_norms = norms(grads)
         finite = torch.isfinite(grad_norms).all()
         usable = finite & (grad_norms != 0)
@@ -69,3 +71,18 @@ class FGM(ParameterAttack):
             step.nan_to_num_(0.0, 0.0, 0.0)
         torch._foreach_add_([p.detach() for p in params], steps)
         return finite
+
+    def _perturb_on_host(self, params: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
+        """``w += (epsilon / ||g||) * g`` in one pass, or on the rows where ``g`` is not zero (an embedding)."""
+        found = [norm_and_rows(g) for g in grads]
+        finite = all(math.isfinite(n) for n, _ in found)
+        if finite:
+            for i, (p, g, (n, rows)) in enumerate(zip(params, grads, found)):
+                if n == 0:
+                    continue
+                self._hold(i, rows)
+                if rows is None:
+                    p.detach().add_(g, alpha=self.epsilon / n)
+                else:
+                    p.detach().index_add_(0, rows, g.index_select(0, rows), alpha=self.epsilon / n)
+        return torch.tensor(finite)
