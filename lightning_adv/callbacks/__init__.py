@@ -4,5 +4,6 @@ from lightning_adv.callbacks.awp import AWPCallback
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.callbacks.fgm import FGMCallback
 from lightning_adv.callbacks.mixin import AdversarialMixin
+from lightning_adv.callbacks.robust import RobustAccuracy
 
-__all__ = ["AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback"]
+__all__ = ["AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "RobustAccuracy"]

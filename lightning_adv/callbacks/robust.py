@@ -145,16 +145,16 @@ class RobustAccuracy(Callback):
         fgm = self._fgm
         if fgm is None:
             raise RuntimeError(f"{type(self).__name__}: setup has not run (attach the callback to a Trainer).")
-        forward_context = trainer.precision_plugin.forward_context() if trainer is not None else _null()
+        forward_context = trainer.precision_plugin.forward_context if trainer is not None else _null
         params = [p for p in fgm.parameters if p.requires_grad]
         with torch.inference_mode(False), torch.enable_grad():
             batch = apply_to_collection(batch, torch.Tensor, lambda t: t.clone())  # inference tensors cannot enter autograd
-            with forward_context:
+            with forward_context():
                 logits, labels = self._forward(pl_module, batch)
             loss = F.cross_entropy(logits.float(), labels)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad(), self._grads_set(params, grads), fgm.perturbed() as finite:
-                with forward_context:
+                with forward_context():
                     adv_logits, _ = self._forward(pl_module, batch)
         self.batches += 1
         self.skipped += int(not bool(finite))

@@ -1,0 +1,253 @@
+"""LightningCLI: the attacks (and RobustAccuracy) enabled purely by flags and YAML, typed and documented."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_adv
+from lightning_adv import AWPCallback, FGMCallback
+from lightning_adv.callbacks.robust import RobustAccuracy
+
+QUIET = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+class CLIModel(L.LightningModule):
+    """A tiny text classifier whose embedding is named like a transformer's."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.word_embeddings(ids).mean(1))
+
+    def robust_forward(self, batch: Any) -> Any:
+        ids, y = batch
+        return self(ids), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, y = batch
+        return nn.functional.cross_entropy(self(ids), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class CLIData(L.LightningDataModule):
+    def __init__(self, n: int = 16, batch_size: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randint(0, 20, (n, 5), generator=g), torch.randint(0, 2, (n,), generator=g))
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch: Any) -> None:
+    """LightningCLI warns when sys.argv holds arguments besides ``args``: pytest's own."""
+    monkeypatch.setattr(sys, "argv", ["cli"])
+
+
+def cli(args: List[str], **kwargs: Any) -> LightningCLI:
+    kwargs.setdefault("run", False)
+    kwargs.setdefault("save_config_callback", None)
+    kwargs.setdefault("seed_everything_default", 0)
+    return LightningCLI(CLIModel, CLIData, args=QUIET + args, **kwargs)
+
+
+def of_type(callbacks: List[Any], cls: type) -> List[Any]:
+    return [cb for cb in callbacks if isinstance(cb, cls)]
+
+
+def test_full_class_path_and_init_arg() -> None:
+    c = cli(["--trainer.callbacks+=lightning_adv.FGMCallback", "--trainer.callbacks.epsilon=0.5"])
+    (fgm,) = of_type(c.trainer.callbacks, FGMCallback)
+    assert (fgm.epsilon, fgm.emb_name, fgm.start_epoch) == (0.5, "word_embeddings", 0)
+
+
+def test_short_name_after_import() -> None:
+    assert lightning_adv.FGMCallback is FGMCallback  # `import lightning_adv` is what registers the short names
+    c = cli(["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilon=0.25", "--trainer.callbacks.emb_name=word_emb"])
+    (fgm,) = of_type(c.trainer.callbacks, FGMCallback)
+    assert (fgm.epsilon, fgm.emb_name) == (0.25, "word_emb")
+    c = cli(["--trainer.callbacks+=AWPCallback", "--trainer.callbacks.adv_step=2"])
+    (awp,) = of_type(c.trainer.callbacks, AWPCallback)
+    assert (awp.adv_step, awp.adv_lr, awp.adv_eps, awp.adv_param) == (2, 1.0, 0.2, "weight")
+
+
+def test_several_callbacks_each_with_its_own_arguments() -> None:
+    c = cli(
+        [
+            "--trainer.callbacks+=FGMCallback",
+            "--trainer.callbacks.epsilon=0.3",
+            "--trainer.callbacks.start_epoch=1",
+            "--trainer.callbacks+=lightning_adv.AWPCallback",
+            "--trainer.callbacks.adv_lr=0.5",
+            "--trainer.callbacks.adv_eps=0.01",
+            "--trainer.callbacks+=RobustAccuracy",
+            "--trainer.callbacks.epsilon=2.0",
+        ]
+    )
+    kinds = [type(cb) for cb in c.trainer.callbacks if isinstance(cb, (FGMCallback, AWPCallback, RobustAccuracy))]
+    assert kinds == [FGMCallback, AWPCallback, RobustAccuracy]
+    (fgm,), (awp,), (robust,) = (of_type(c.trainer.callbacks, k) for k in kinds)
+    assert (fgm.epsilon, fgm.start_epoch) == (0.3, 1)
+    assert (awp.adv_lr, awp.adv_eps, awp.adv_step, awp.start_epoch) == (0.5, 0.01, 1, 0)
+    assert (robust.epsilon, robust.emb_name, robust.num_classes) == (2.0, "word_embeddings", 2)
+
+
+def test_yaml_config_with_class_path_and_init_args(tmp_path: Any) -> None:
+    config = tmp_path / "adv.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_epochs: 3\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_adv.AWPCallback\n"
+        "      init_args:\n"
+        "        adv_param: head\n"
+        "        adv_lr: 0.1\n"
+        "        adv_eps: 0.001\n"
+        "        adv_step: 2\n"
+        "        start_epoch: 1\n"
+        "    - class_path: lightning_adv.FGMCallback\n"
+        "      init_args: {epsilon: 0.7}\n"
+        "    - class_path: lightning_adv.callbacks.robust.RobustAccuracy\n"
+        "      init_args: {epsilon: 0.5, test: false}\n"
+        "model:\n"
+        "  dim: 4\n"
+    )
+    c = cli(["--config", str(config)])
+    (awp,) = of_type(c.trainer.callbacks, AWPCallback)
+    (fgm,) = of_type(c.trainer.callbacks, FGMCallback)
+    (robust,) = of_type(c.trainer.callbacks, RobustAccuracy)
+    assert (awp.adv_param, awp.adv_lr, awp.adv_eps, awp.adv_step, awp.start_epoch) == ("head", 0.1, 0.001, 2, 1)
+    assert fgm.epsilon == 0.7
+    assert (robust.epsilon, robust.stages) == (0.5, ["validate"])
+    assert c.trainer.max_epochs == 3 and c.model.head.in_features == 4
+    # a flag after the config overrides it
+    c = cli(["--config", str(config), "--trainer.max_epochs=5"])
+    assert c.trainer.max_epochs == 5 and len(of_type(c.trainer.callbacks, AWPCallback)) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--trainer.callbacks+=lightning_adv.FGMCallback", "--trainer.callbacks.epsilon=abc"], "epsilon"),
+        (["--trainer.callbacks+=AWPCallback", "--trainer.callbacks.adv_step=1.5"], "adv_step"),
+        (["--trainer.callbacks+=AWPCallback", "--trainer.callbacks.adv_eps=small"], "adv_eps"),
+        (["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.not_an_arg=1"], "not_an_arg"),
+        (["--trainer.callbacks+=RobustAccuracy", "--trainer.callbacks.num_classes=two"], "num_classes"),
+    ],
+)
+def test_bad_value_is_a_parse_error_naming_the_flag(flags: List[str], named: str, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(flags)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert named in err, err
+
+
+def test_unknown_callback_class_is_a_parse_error(capsys: Any) -> None:
+    with pytest.raises(SystemExit):
+        cli(["--trainer.callbacks+=lightning_adv.NoSuchCallback"])
+    assert "NoSuchCallback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, docs",
+    [
+        (
+            "lightning_adv.FGMCallback",
+            {"epsilon": "L2 norm of the perturbation", "emb_name": "substring of the names of the embedding", "start_epoch": "first epoch"},
+        ),
+        (
+            "lightning_adv.AWPCallback",
+            {
+                "adv_param": "substring of the names of the parameters",
+                "adv_lr": "step size relative to the weight norm",
+                "adv_eps": "bound of each element",
+                "adv_step": "number of adversarial passes",
+                "start_epoch": "first epoch",
+            },
+        ),
+        (
+            "lightning_adv.callbacks.robust.RobustAccuracy",
+            {"epsilon": "L2 norm of the perturbation", "num_classes": "number of classes", "validate": "measure during validation"},
+        ),
+    ],
+)
+def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--trainer.callbacks.help", name])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
+    for arg, doc in docs.items():
+        assert f"--trainer.callbacks.{arg}" in out or f"--trainer.callbacks.init_args.{arg}" in out, arg
+        assert doc in out, (arg, doc)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilon=-0.5"], r"FGMCallback\(epsilon=-0.5\)"),
+        (["--trainer.callbacks+=AWPCallback", "--trainer.callbacks.adv_step=0"], r"AWPCallback\(adv_step=0\)"),
+        (["--trainer.callbacks+=RobustAccuracy", "--trainer.callbacks.epsilon=-1"], r"RobustAccuracy\(epsilon=-1"),
+    ],
+)
+def test_invalid_value_rejected_at_construction(flags: List[str], message: str) -> None:
+    """A well-typed but invalid value: instantiation fails with the constructor's message, naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        cli(flags)
+
+
+def test_cli_fit_really_attacks(tmp_path: Any) -> None:
+    c = LightningCLI(
+        CLIModel,
+        CLIData,
+        args=[
+            "fit",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.num_sanity_val_steps=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=FGMCallback",
+            "--trainer.callbacks.epsilon=0.5",
+            "--trainer.callbacks+=AWPCallback",
+            "--trainer.callbacks.adv_eps=0.01",
+            "--trainer.callbacks+=RobustAccuracy",
+            "--trainer.callbacks.epsilon=1.0",
+            *QUIET,
+        ],
+        seed_everything_default=0,
+    )
+    (fgm,) = of_type(c.trainer.callbacks, FGMCallback)
+    (awp,) = of_type(c.trainer.callbacks, AWPCallback)
+    (robust,) = of_type(c.trainer.callbacks, RobustAccuracy)
+    assert fgm.attacks == 3 and awp.attacks == 3 and fgm.skipped == 0
+    assert robust.batches == 2
+    assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc"} <= set(c.trainer.callback_metrics)

