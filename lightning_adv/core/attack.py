@@ -137,9 +137,7 @@ class ParameterAttack(ABC):
             all-reduces the step's gradients).
         """
         backward = backward or _plain_backward
-        params = with_grad(self.parameters)
-        self._perturbed = params
-        self._backup = self._save(params)
+        params = self._begin()
         loss: Optional[torch.Tensor] = None
         try:
             for i in range(self.num_passes):
@@ -178,13 +176,18 @@ class ParameterAttack(ABC):
             >>> round(moved, 6), bool(torch.equal(emb.weight, before))
             (1.0, True)
         """
-        params = with_grad(self.parameters)
-        self._perturbed = params
-        self._backup = self._save(params)
+        params = self._begin()
         try:
             yield self._perturb(params)
         finally:
             self.restore()
+
+    def _begin(self) -> List[torch.Tensor]:
+        """Start an attack: the matched parameters that hold a gradient, remembered and saved for restore."""
+        params = with_grad(self.parameters)
+        self._perturbed = params
+        self._backup = self._save(params)
+        return params
 
     def restore(self) -> None:
         """Copy the saved values back into the perturbed parameters, in place (idempotent)."""
