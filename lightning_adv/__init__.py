@@ -1,12 +1,18 @@
-"""lightning_adv: adversarial training (FGM, AWP) for any LightningModule, as a one-line callback.
+"""lightning_adv: adversarial training (FGM, PGD, FreeLB, AWP) for any LightningModule, as a one-line callback.
 
 >>> from lightning_adv import FGMCallback, AWPCallback
 >>> callbacks = [FGMCallback(epsilon=1.0), AWPCallback(adv_lr=1.0, adv_eps=0.2)]
 """
 
-from lightning_adv.callbacks import AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, RobustAccuracy
-from lightning_adv.core import AWP, FGM, GradientStash, ParameterAttack
+from lightning_adv.callbacks import (
+    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, RobustAccuracy,
+    in_adversarial_pass,
+)
+from lightning_adv.core import AWP, FGM, PGD, FreeLB, GradientStash, Method, adversarial_backward
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "GradientStash", "ParameterAttack", "RobustAccuracy"]
+__all__ = [
+    "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
+    "GradientStash", "Method", "PGD", "PGDCallback", "RobustAccuracy", "adversarial_backward", "in_adversarial_pass",
+]

@@ -11,7 +11,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_adv import AdversarialMixin
+from lightning_adv import AdversarialMixin, in_adversarial_pass
 from reference_snippets import RefAWP, RefFGM
 
 VOCAB, DIM, SEQ, CLASSES = 40, 8, 5, 3
@@ -62,7 +62,7 @@ class TextModule(L.LightningModule):
         logits = self.model(ids)
         loss = nn.functional.cross_entropy(logits, y)
         self.steps_run += 1
-        if not getattr(self, "_adv_active", False):
+        if not in_adversarial_pass(self):
             self.clean_losses.append(float(loss.detach()))
         self.acc(logits.argmax(-1), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
@@ -96,7 +96,7 @@ class ManualText(AdversarialMixin, TextModule):
             return loss / self.k
 
         loss = self.adversarial_backward(loss_fn)
-        if not getattr(self, "_adv_active", False):
+        if not in_adversarial_pass(self):
             self.clean_losses.append(float(loss.detach()) * self.k)
         if (batch_idx + 1) % self.k == 0:
             opt.step()

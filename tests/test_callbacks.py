@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TextModule, loader, make_data, trainer
-from lightning_adv import AWP, FGM, AWPCallback, FGMCallback
+from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, in_adversarial_pass
 
 
 @pytest.mark.parametrize("cb", [FGMCallback(epsilon=2.0), AWPCallback(adv_lr=1.0, adv_eps=0.3)])
@@ -28,7 +28,7 @@ def test_logging_and_metrics_see_only_clean_passes(cb):
     assert torch.allclose(metrics["train_loss_step"], clean[-1], atol=1e-6)
     assert module.update_counts == [1, 2, 3, 4]
     # the adversarial loss is logged separately, and differs from the clean one
-    name = f"adv/{cb.log_name}"
+    name = f"adv/{cb.method.name}"
     assert float(metrics[f"{name}_attacks"]) == 4 and float(metrics[f"{name}_skipped"]) == 0
     assert float(metrics[f"{name}_loss_epoch"]) > float(clean.mean())
 
@@ -39,7 +39,7 @@ def test_metric_accuracy_equals_clean_predictions():
             self.correct = []
 
         def training_step(self, batch, batch_idx):
-            if not getattr(self, "_adv_active", False):
+            if not in_adversarial_pass(self):
                 self.correct.append((self.model(batch[0]).argmax(-1) == batch[1]).float())
             return super().training_step(batch, batch_idx)
 
@@ -79,7 +79,7 @@ def test_batchnorm_running_statistics_untouched_by_adversarial_pass():
 
 class Exploding(TextModule):
     def training_step(self, batch, batch_idx):
-        if getattr(self, "_adv_active", False):
+        if in_adversarial_pass(self):
             self.seen_perturbed = [p.detach().clone() for p in self.model.parameters()]
             raise RuntimeError("boom in the adversarial pass")
         self.before = [p.detach().clone() for p in self.model.parameters()]
@@ -114,7 +114,7 @@ def test_bad_arguments_fail_at_construction(make, match):
 
 
 def test_unmatched_embedding_name_lists_candidates_at_setup():
-    with pytest.raises(ValueError, match=r"FGMCallback\(emb_name='word_embedding_typo'\) matches no trainable parameter.*model\.embeddings\.word_embeddings\.weight"):
+    with pytest.raises(ValueError, match=r"FGMCallback: FGM\(emb_name='word_embedding_typo'\) matches no trainable parameter.*model\.embeddings\.word_embeddings\.weight"):
         trainer(max_steps=1, callbacks=[FGMCallback(emb_name="word_embedding_typo")]).fit(TextModule(), loader(make_data(8)))
 
 
@@ -123,7 +123,7 @@ def test_frozen_match_is_reported():
     module.model.embeddings.word_embeddings.weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"matches only frozen parameters.*word_embeddings"):
         trainer(max_steps=1, callbacks=[FGMCallback()]).fit(module, loader(make_data(8)))
-    with pytest.raises(ValueError, match=r"AWPCallback\(adv_param='nothing'\) matches no trainable"):
+    with pytest.raises(ValueError, match=r"AWPCallback: AWP\(adv_param='nothing'\) matches no trainable"):
         trainer(max_steps=1, callbacks=[AWPCallback(adv_param="nothing")]).fit(TextModule(), loader(make_data(8)))
 
 

@@ -88,7 +88,7 @@ def test_fp16_with_grad_scaler_equals_reference(method, kwargs):
 @pytest.mark.parametrize("method,kwargs", [("fgm", FGM_KW), ("awp", AWP_KW)])
 def test_device_side_arithmetic_equals_reference_in_lightning(method, kwargs, monkeypatch):
     """The branch that runs on an accelerator (no host sync, full saved copies), forced here on the CPU."""
-    import lightning_adv.core.attack as attack_module
+    import lightning_adv.core.snapshot as attack_module
 
     monkeypatch.setattr(attack_module, "on_host", lambda tensors: False)
     module, reference, cb = run_pair(method, kwargs, epochs=2, accumulate=2)

@@ -3,7 +3,13 @@
 from lightning_adv.callbacks.awp import AWPCallback
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.callbacks.fgm import FGMCallback
+from lightning_adv.callbacks.freelb import FreeLBCallback
+from lightning_adv.callbacks.isolation import in_adversarial_pass
 from lightning_adv.callbacks.mixin import AdversarialMixin
+from lightning_adv.callbacks.pgd import PGDCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
 
-__all__ = ["AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "RobustAccuracy"]
+__all__ = [
+    "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
+    "RobustAccuracy", "in_adversarial_pass",
+]

@@ -1,12 +1,14 @@
-"""AWPCallback: Adversarial Weight Perturbation for any automatic-optimization LightningModule."""
+"""AWPCallback: Adversarial Weight Perturbation for any LightningModule."""
 
 from __future__ import annotations
+
+from typing import Any, Dict
 
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.awp import AWP, check_steps
-from lightning_adv.core.fgm import check_non_negative
+from lightning_adv.core.awp import AWP
+from lightning_adv.core.checks import check_int, check_non_negative, check_pattern
 
 
 class AWPCallback(AdversarialCallback):
@@ -15,8 +17,10 @@ class AWPCallback(AdversarialCallback):
     After the clean backward, each trainable parameter whose name contains ``adv_param`` moves by
     ``adv_lr * g / (||g|| + 1e-6) * (||w|| + 1e-6)``, each element kept within ``adv_eps * |w|`` of its
     saved value, for ``adv_step`` passes; the micro-batch's gradient is replaced by the one of the last
-    pass and the weights are restored exactly. Gradients of earlier micro-batches (accumulation) are
-    kept. Logs ``adv/awp_loss``, ``adv/awp_attacks`` and ``adv/awp_skipped``.
+    pass and the weights are restored exactly (:class:`~lightning_adv.core.AWP`). Gradients of earlier
+    micro-batches (accumulation) are kept. AWP is usually started once the model is past its first epoch
+    (``start_epoch=1``): from a random head it can push training into a single class.
+    Logs ``adv/awp_loss``, ``adv/awp_attacks`` and ``adv/awp_skipped``.
 
     Args:
         adv_param: substring of the names of the parameters to perturb.
@@ -38,30 +42,18 @@ class AWPCallback(AdversarialCallback):
         2
     """
 
-    log_name = "awp"
-
     def __init__(
-        self,
-        adv_param: str = "weight",
-        adv_lr: float = 1.0,
-        adv_eps: float = 0.2,
-        start_epoch: int = 0,
-        adv_step: int = 1,
+        self, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2, start_epoch: int = 0, adv_step: int = 1
     ) -> None:
         owner = type(self).__name__
         check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)
-        check_steps(owner, adv_step)
+        check_int(owner, "adv_step", adv_step, 1, "the number of adversarial passes")
+        check_pattern(owner, "adv_param", adv_param)
         super().__init__(start_epoch=start_epoch)
-        self.adv_param = adv_param
-        self.adv_lr = adv_lr
-        self.adv_eps = adv_eps
-        self.adv_step = adv_step
+        self.adv_param, self.adv_lr, self.adv_eps, self.adv_step = adv_param, adv_lr, adv_eps, adv_step
 
-    def enabled(self) -> bool:
-        return self.adv_lr != 0
+    def target_key(self) -> Dict[str, Any]:
+        return {"adv_param": self.adv_param}
 
-    def build_attack(self, pl_module: nn.Module) -> AWP:
-        try:
-            return AWP(pl_module, adv_param=self.adv_param, adv_lr=self.adv_lr, adv_eps=self.adv_eps, adv_step=self.adv_step)
-        except ValueError as err:
-            raise ValueError(str(err).replace("AWP(", "AWPCallback(", 1)) from None
+    def build_method(self, pl_module: nn.Module) -> AWP:
+        return AWP(pl_module, adv_param=self.adv_param, adv_lr=self.adv_lr, adv_eps=self.adv_eps, adv_step=self.adv_step)

@@ -1,30 +1,33 @@
-"""FGMCallback: the Fast Gradient Method on word embeddings, for any automatic-optimization LightningModule."""
+"""FGMCallback: the Fast Gradient Method on word embeddings, for any LightningModule."""
 
 from __future__ import annotations
+
+from typing import Any, Dict
 
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.fgm import FGM, check_non_negative
+from lightning_adv.core.checks import check_non_negative, check_pattern
+from lightning_adv.core.fgm import FGM
 
 
 class FGMCallback(AdversarialCallback):
     """Adds the gradient at adversarially perturbed embeddings to every training micro-batch's gradient.
 
     After the clean backward, every trainable parameter whose name contains ``emb_name`` is moved by
-    ``epsilon * g / ||g||`` (``g``: this micro-batch's own gradient), the loss is computed again and
-    backpropagated, and the parameters are restored exactly. Logs ``adv/fgm_loss``, ``adv/fgm_attacks``
-    and ``adv/fgm_skipped``.
+    ``epsilon * g / ||g||`` (``g``: this micro-batch's own clean gradient), the loss is computed again and
+    backpropagated, and the parameters are restored exactly (:class:`~lightning_adv.core.FGM`). Logs
+    ``adv/fgm_loss``, ``adv/fgm_attacks`` and ``adv/fgm_skipped``.
 
     Args:
-        epsilon: L2 norm of the perturbation of each embedding matrix (>= 0).
+        epsilon: L2 norm of the perturbation of each embedding matrix (>= 0; 0 disables the attack).
         emb_name: substring of the names of the embedding parameters to perturb
             (``"word_embeddings"`` for BERT-family models from ``transformers``).
         start_epoch: first epoch (counted from 0) that is attacked.
 
     Example::
 
-        >>> import torch, lightning as L
+        >>> import lightning as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> from lightning_adv import FGMCallback
         >>> fgm = FGMCallback(epsilon=0.5, emb_name="layer")
@@ -35,16 +38,15 @@ class FGMCallback(AdversarialCallback):
         3
     """
 
-    log_name = "fgm"
-
     def __init__(self, epsilon: float = 1.0, emb_name: str = "word_embeddings", start_epoch: int = 0) -> None:
         check_non_negative(type(self).__name__, epsilon=epsilon)
+        check_pattern(type(self).__name__, "emb_name", emb_name)
         super().__init__(start_epoch=start_epoch)
         self.epsilon = epsilon
         self.emb_name = emb_name
 
-    def build_attack(self, pl_module: nn.Module) -> FGM:
-        try:
-            return FGM(pl_module, epsilon=self.epsilon, emb_name=self.emb_name)
-        except ValueError as err:
-            raise ValueError(str(err).replace("FGM(", "FGMCallback(", 1)) from None
+    def target_key(self) -> Dict[str, Any]:
+        return {"emb_name": self.emb_name}
+
+    def build_method(self, pl_module: nn.Module) -> FGM:
+        return FGM(pl_module, epsilon=self.epsilon, emb_name=self.emb_name)

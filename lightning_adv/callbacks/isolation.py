@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
+from collections import UserDict
+from collections.abc import Mapping, MutableMapping
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -95,3 +99,73 @@ def _restore(metric: Any, snapshot: _Snapshot) -> None:
     metric._update_count = update_count
     metric._forward_cache = forward_cache
     metric._computed = computed
+
+
+# -- the public "inside an adversarial pass" flag -----------------------------------------------------------------
+
+_ACTIVE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def in_adversarial_pass(module: nn.Module) -> bool:
+    """Whether ``module`` is running an adversarial pass (a re-run of its step by lightning_adv) right now.
+
+    Use it in a ``training_step`` with side effects that must happen once per batch::
+
+        if not lightning_adv.in_adversarial_pass(self):
+            self.training_step_outputs.append(loss)
+
+    >>> in_adversarial_pass(torch.nn.Linear(1, 1))
+    False
+    """
+    return module in _ACTIVE
+
+
+@contextmanager
+def adversarial_pass(module: nn.Module) -> Iterator[None]:
+    """Mark ``module`` as running an adversarial pass (see :func:`in_adversarial_pass`)."""
+    _ACTIVE.add(module)
+    try:
+        yield
+    finally:
+        _ACTIVE.discard(module)
+
+
+def copy_containers(batch: Any) -> Any:
+    """A copy of the lists, tuples and mappings of ``batch`` (the tensors shared), so that a step that mutates
+    its batch (``batch.pop("labels")``) gets it whole in every pass."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, UserDict)) or isinstance(batch, MutableMapping):
+        out = copy.copy(batch)
+        for key in range(len(out)) if isinstance(out, list) else list(out.keys()):
+            out[key] = copy_containers(out[key])
+        return out
+    if isinstance(batch, tuple):
+        items = [copy_containers(x) for x in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if isinstance(batch, Mapping):
+        return {k: copy_containers(v) for k, v in batch.items()}
+    return batch
+
+
+class SideEffects:
+    """Notices the public attributes of a module that the adversarial passes changed (a list that grew, a
+    counter that moved): the tell-tale of a ``training_step`` with side effects that now run once per pass."""
+
+    _WATCHED = (list, dict, set, int, float)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.before = self._state()
+
+    def _state(self) -> Dict[str, Any]:
+        state = {}
+        for name, value in vars(self.module).items():
+            if name.startswith("_") or isinstance(value, bool) or not isinstance(value, self._WATCHED):
+                continue
+            state[name] = len(value) if isinstance(value, (list, dict, set)) else value
+        return state
+
+    def changed(self) -> List[str]:
+        after = self._state()
+        return [name for name, value in self.before.items() if name in after and after[name] != value]

@@ -6,9 +6,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from lightning_adv.callbacks import compat
-from lightning_adv.callbacks.base import AttackRound, _BackwardSync, adversarial_callbacks, adversarial_pass, loss_of
-from lightning_adv.callbacks.isolation import silenced_logging
+from lightning_adv.callbacks.coordinator import coordinator_of
 
 LossOutput = Union[torch.Tensor, Mapping[str, Any]]
 
@@ -18,12 +16,12 @@ class AdversarialMixin:
 
     Mix it into a ``LightningModule`` (from ``lightning.pytorch`` or ``pytorch_lightning``) and replace
     ``self.manual_backward(loss)`` by ``self.adversarial_backward(lambda: <compute the loss>)``. The attacks
-    stay configured on the Trainer (``FGMCallback``, ``AWPCallback``; so CLI flags work), run in their
-    order, each from this call's own clean gradient. Gradients already in ``.grad`` before the call are
-    kept (accumulating by hand loses nothing); FGM adds its adversarial gradient, AWP replaces this call's
-    clean gradient. Precision (GradScaler) and DDP come through ``manual_backward``; under DDP the
-    gradients are all-reduced once, at the last backward of the call. With no adversarial callback
-    attached (or before ``start_epoch``) it is exactly ``self.manual_backward(loss_fn())``.
+    stay configured on the Trainer (``FGMCallback``, ``AWPCallback``, ...; so CLI flags work) and run as in
+    automatic optimization: in their order, each from this call's own clean gradient. Gradients already in
+    ``.grad`` before the call are kept (accumulating by hand loses nothing). Precision (GradScaler) and DDP come
+    through ``manual_backward``; under DDP the gradients are all-reduced once, at the last backward of the call.
+    With no adversarial callback attached (or before ``start_epoch``) it is exactly
+    ``self.manual_backward(loss_fn())``.
 
     Example::
 
@@ -55,47 +53,12 @@ class AdversarialMixin:
     """
 
     def adversarial_backward(self, loss_fn: Callable[[], LossOutput]) -> torch.Tensor:
-        """Backpropagate ``loss_fn()`` and the adversarial losses of every attached attack; return the clean loss.
+        """Backpropagate ``loss_fn()`` and the adversarial passes of every attached attack; return the clean loss.
 
         Args:
-            loss_fn: computes the loss of the current batch from the module's current parameters (a tensor,
-                or a mapping with a ``"loss"`` key). It is called once for the clean loss and once per
-                adversarial pass; ``self.log`` calls and torchmetrics updates inside it count only once.
+            loss_fn: computes the loss of the current batch from the module's current parameters (a tensor, or a
+                mapping with a ``"loss"`` key, and ``"logits"`` for SMART/R3F). It is called once for the clean loss
+                and once per adversarial pass; ``self.log`` calls and torchmetrics updates inside it count only once.
         """
         module: Any = self
-        trainer = module.trainer
-        group = adversarial_callbacks(trainer)
-        plan = []
-        if group:
-            leader = group[0]
-            leader._manual_calls += 1
-            plan = leader._plan(trainer)
-        if not plan:
-            loss = _required_loss(loss_fn())
-            module.manual_backward(loss)
-            return loss
-        ddp = compat.ddp_module(trainer)
-        will_sync = bool(ddp.require_backward_grad_sync) if ddp is not None else True
-        round_ = AttackRound(plan, module, _BackwardSync(ddp), will_sync)
-        try:
-            round_.begin()
-            loss = _required_loss(loss_fn())
-            module.manual_backward(loss)
-
-            def closure() -> torch.Tensor:
-                with silenced_logging(module):
-                    return _required_loss(loss_fn())
-
-            with adversarial_pass(module), leader._guard.preserved():
-                round_.run(closure, module.manual_backward)
-        finally:
-            round_.sync.release()
-            round_.stash.merge()
-        return loss
-
-
-def _required_loss(output: LossOutput) -> torch.Tensor:
-    loss = loss_of(output)
-    if loss is None:
-        raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss tensor of the batch.")
-    return loss
+        return coordinator_of(module.trainer).manual_backward(module, loss_fn)

@@ -13,7 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_adv.core.fgm import FGM, check_non_negative
+from lightning_adv.core.checks import check_non_negative
+from lightning_adv.core.fgm import FGM
 
 PROTOCOL = "robust_forward"
 

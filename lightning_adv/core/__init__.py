@@ -1,16 +1,25 @@
-"""Pure-PyTorch core of lightning_adv: perturb, backpropagate, restore. No Lightning import.
+"""Pure-PyTorch core of lightning_adv: the methods, their targets and the micro-batch engine. No Lightning import.
 
 Usable in a hand-written loop::
 
-    loss = loss_fn(); loss.backward()
-    fgm.attack_backward(loss_fn)      # or awp.attack_backward(loss_fn)
+    outcomes = adversarial_backward(model, [FGM(model), AWP(model)], loss_fn)   # clean + adversarial backward
     optimizer.step(); optimizer.zero_grad()
+
+or, for a weight-space method, after your own ``loss.backward()``: ``fgm.attack_backward(loss_fn)``.
 """
 
-from lightning_adv.core.attack import ParameterAttack
 from lightning_adv.core.awp import AWP
+from lightning_adv.core.embedding import EmbeddingOutput, find_embedding
 from lightning_adv.core.fgm import FGM
+from lightning_adv.core.freelb import FreeLB
 from lightning_adv.core.grads import GradientStash
+from lightning_adv.core.method import Method, ParameterMethod
 from lightning_adv.core.params import match_parameters, select_trainable
+from lightning_adv.core.pgd import PGD
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutput, adversarial_backward
 
-__all__ = ["AWP", "FGM", "GradientStash", "ParameterAttack", "match_parameters", "select_trainable"]
+__all__ = [
+    "AWP", "AttackStep", "BackwardSync", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method", "Outcome",
+    "PGD", "ParameterMethod", "PassOutput", "adversarial_backward", "find_embedding", "match_parameters",
+    "select_trainable",
+]

@@ -51,6 +51,11 @@ class GradientStash:
             p.grad = None
         self._saved = saved
 
+    def take(self) -> List[Optional[torch.Tensor]]:
+        """Return the gradients held aside (one per parameter, ``None`` where there was none) and forget them."""
+        saved, self._saved = self._saved, None
+        return saved if saved is not None else [None] * len(self.params)
+
     def merge(self) -> None:
         """Put the earlier gradients back, adding them to whatever ``.grad`` holds now (idempotent)."""
         saved, self._saved = self._saved, None

@@ -49,6 +49,14 @@ def select_trainable(module: nn.Module, pattern: str, *, owner: str, argument: s
     matched = match_parameters(module, pattern)
     trainable = [(n, p) for n, p in matched if p.requires_grad]
     if trainable:
+        sparse = [f"{n}.weight" for n, m in module.named_modules() if getattr(m, "sparse", False) is True
+                  and any(getattr(m, "weight", None) is p for _, p in trainable)]
+        if sparse:
+            raise ValueError(
+                f"{owner}({argument}={pattern!r}) matches {', '.join(sparse)} of an nn.Embedding(sparse=True), whose "
+                "gradient is sparse: weight-space attacks need dense gradients. Build the embedding with sparse=False, "
+                "or perturb its output per example instead (FreeLB, R3F, SMART)."
+            )
         return trainable
     if matched:
         frozen = ", ".join(n for n, _ in matched[:8])

@@ -1,0 +1,187 @@
+"""The Lightning driver of the engine: one per Trainer, shared by every adversarial callback and the mixin."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_adv.callbacks import compat
+from lightning_adv.callbacks.isolation import SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, pass_output
+
+_COORDINATORS: "weakref.WeakKeyDictionary[Any, Coordinator]" = weakref.WeakKeyDictionary()
+
+
+def coordinator_of(trainer: Any) -> "Coordinator":
+    """The coordinator of ``trainer`` (created on first use)."""
+    if trainer not in _COORDINATORS:
+        _COORDINATORS[trainer] = Coordinator()
+    return _COORDINATORS[trainer]
+
+
+def adversarial_callbacks(trainer: Any) -> List[Any]:
+    """The adversarial callbacks attached to ``trainer``, in their order."""
+    from lightning_adv.callbacks.base import AdversarialCallback
+
+    return [cb for cb in trainer.callbacks if isinstance(cb, AdversarialCallback)]
+
+
+class Coordinator:
+    """Runs the attacks of a Trainer's adversarial callbacks, in their order, once per training micro-batch.
+
+    Automatic optimization: the step is built at ``on_train_batch_start`` (the batch's containers copied before
+    ``training_step`` can mutate them), earlier gradients move aside at ``on_before_backward``, the methods run at
+    ``on_after_backward`` and the step is closed at ``on_train_batch_end`` (or on an exception). Every hook is
+    called by each adversarial callback; the coordinator acts once per micro-batch. Manual optimization: the mixin
+    calls :meth:`manual_backward`.
+    """
+
+    def __init__(self) -> None:
+        self.step: Optional[AttackStep] = None
+        self.plan: List[Any] = []
+        self.guard: Optional[StateGuard] = None
+        self.manual_calls = 0
+        self._batch: Any = None
+        self._phase = ""
+        self._warned: set = set()
+
+    def start_fit(self, pl_module: Any) -> None:
+        self.guard = StateGuard(pl_module)
+        self._warned = set()
+        self.manual_calls = 0
+
+    def planned(self, trainer: Any) -> List[Any]:
+        """The callbacks that attack this micro-batch."""
+        return [cb for cb in adversarial_callbacks(trainer) if cb.wants_attack(trainer)]
+
+    # -- automatic optimization --------------------------------------------------------------------------------
+    def batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.manual_calls = 0
+        self.close()
+        if not pl_module.automatic_optimization:
+            return
+        self.plan = self.planned(trainer)
+        if not self.plan:
+            return
+        self._batch = (copy_containers(batch), batch_idx)
+        use_own = callable(getattr(pl_module, "adversarial_loss", None))
+        scaler = compat.scaler_of(trainer)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        k = trainer.accumulate_grad_batches
+
+        def forward() -> Any:
+            saved, index = self._batch
+            batch_copy = copy_containers(saved)
+            if use_own:
+                return compat.run_step(trainer, "adversarial_loss", (batch_copy, index))
+            return compat.run_step(trainer, "training_step", compat.step_args(pl_module, batch_copy, index))
+
+        def backward(loss: torch.Tensor) -> None:
+            if k != 1:
+                loss = loss / k
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            trainer.precision_plugin.backward(loss, pl_module, optimizer)
+
+        sync = BackwardSync(compat.ddp_module(trainer))
+        self.step = AttackStep(
+            [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in self.plan], forward, backward,
+            sync=sync, sync_last=compat.will_step_optimizer(trainer), grad_scale=1.0 / sync.world_size,
+        )
+        self._phase = "forward"
+        self.step.before_forward()
+
+    def before_backward(self, pl_module: Any) -> None:
+        if self.step is not None and self._phase == "forward" and pl_module.automatic_optimization:
+            self._phase = "backward"
+            self.step.before_backward()
+
+    def after_backward(self, pl_module: Any) -> None:
+        if self.step is None or self._phase != "backward" or not pl_module.automatic_optimization:
+            return  # one attack per micro-batch: backward hooks that fire again inside it do nothing
+        self._phase = "attacked"
+        self._run(pl_module, self.step)
+
+    def close(self) -> None:
+        step, self.step, self._batch, self._phase = self.step, None, None, ""
+        if step is not None:
+            step.close()
+
+    # -- manual optimization (the mixin) ------------------------------------------------------------------------
+    def manual_backward(self, pl_module: Any, loss_fn: Callable[[], Any]) -> torch.Tensor:
+        trainer = pl_module.trainer
+        self.manual_calls += 1
+        plan = self.planned(trainer)
+        if not plan:
+            loss = _required(loss_fn())
+            pl_module.manual_backward(loss)
+            return loss
+        ddp = compat.ddp_module(trainer)
+        sync = BackwardSync(ddp)
+
+        def forward() -> Any:
+            return loss_fn()
+
+        step = AttackStep(
+            [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in plan], forward,
+            pl_module.manual_backward, sync=sync, sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True,
+            grad_scale=1.0 / sync.world_size,
+        )
+        try:
+            step.before_forward()
+            output = loss_fn()
+            step.before_backward(output)
+            loss = _required(output)
+            pl_module.manual_backward(loss)
+            self.plan = plan
+            self._run(pl_module, step)
+        finally:
+            step.close()
+        return loss
+
+    # -- both ---------------------------------------------------------------------------------------------------
+    def _run(self, pl_module: Any, step: AttackStep) -> None:
+        guard = self.guard if self.guard is not None else StateGuard(pl_module)
+        watch = SideEffects(pl_module)
+        # buffers are restored after the backward passes: autograd may have saved them (BatchNorm, BERT ids)
+        with silenced_logging(pl_module), adversarial_pass(pl_module), guard.preserved():
+            outcomes = step.after_backward()
+        for cb, outcome in zip(self.plan, outcomes):
+            cb.record(outcome, pl_module)
+        changed = [name for name in watch.changed() if name not in self._warned]
+        if changed:
+            self._warned.update(changed)
+            rank_zero_warn(
+                f"lightning_adv: the adversarial passes re-ran {type(pl_module).__name__}'s step and changed "
+                f"{', '.join('self.' + n for n in changed)} again. If that should happen once per batch, guard it with "
+                "`if not lightning_adv.in_adversarial_pass(self): ...` (or define adversarial_loss(batch, batch_idx)).",
+                category=UserWarning,
+            )
+
+    def warn_unused_mixin(self, trainer: Any, pl_module: Any) -> None:
+        if pl_module.automatic_optimization or self.manual_calls or "manual" in self._warned or not self.planned(trainer):
+            return
+        self._warned.add("manual")
+        names = ", ".join(type(cb).__name__ for cb in adversarial_callbacks(trainer))
+        warnings.warn(
+            f"{names} attached, but {type(pl_module).__name__} uses manual optimization and its training_step "
+            "did not call self.adversarial_backward(loss_fn): no attack ran. Mix lightning_adv.AdversarialMixin "
+            "into the module and replace self.manual_backward(loss) by self.adversarial_backward(lambda: loss_fn(batch)).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _required(output: Any) -> torch.Tensor:
+    out = pass_output(output)
+    if out is None:
+        raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss tensor of the batch.")
+    return out.loss
+
+
+__all__ = ["Coordinator", "Outcome", "adversarial_callbacks", "coordinator_of"]

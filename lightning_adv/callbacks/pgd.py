@@ -1,0 +1,56 @@
+"""PGDCallback: projected gradient ascent on the embedding weights, for any LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from torch import nn
+
+from lightning_adv.callbacks.base import AdversarialCallback
+from lightning_adv.core.checks import check_int, check_non_negative, check_pattern
+from lightning_adv.core.pgd import PGD
+
+
+class PGDCallback(AdversarialCallback):
+    """Adds the gradient at the end of a ``steps``-pass projected ascent on the embedding weights.
+
+    The competition PGD (fyubang's snippet, bert4torch): each pass moves the matched weights by
+    ``alpha * g / ||g||_F`` and projects them into the Frobenius ball of radius ``epsilon`` around the clean
+    weights; the gradient of the last pass is added to the clean one (:class:`~lightning_adv.core.PGD`).
+    Costs ``steps`` forward and backward passes. Logs ``adv/pgd_loss``, ``adv/pgd_attacks``, ``adv/pgd_skipped``.
+
+    Args:
+        epsilon: radius of the ball (>= 0).
+        alpha: step size of each pass (>= 0; 0 disables the attack).
+        steps: number of adversarial passes (>= 1).
+        emb_name: substring of the names of the embedding parameters to perturb.
+        start_epoch: first epoch (counted from 0) that is attacked.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from lightning_adv import PGDCallback
+        >>> pgd = PGDCallback(epsilon=1.0, alpha=0.3, steps=3, emb_name="layer")
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[pgd], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> pgd.attacks
+        2
+    """
+
+    def __init__(
+        self, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3, emb_name: str = "word_embeddings", start_epoch: int = 0
+    ) -> None:
+        owner = type(self).__name__
+        check_non_negative(owner, epsilon=epsilon, alpha=alpha)
+        check_int(owner, "steps", steps, 1, "the number of adversarial passes")
+        check_pattern(owner, "emb_name", emb_name)
+        super().__init__(start_epoch=start_epoch)
+        self.epsilon, self.alpha, self.steps, self.emb_name = epsilon, alpha, steps, emb_name
+
+    def target_key(self) -> Dict[str, Any]:
+        return {"emb_name": self.emb_name}
+
+    def build_method(self, pl_module: nn.Module) -> PGD:
+        return PGD(pl_module, epsilon=self.epsilon, alpha=self.alpha, steps=self.steps, emb_name=self.emb_name)

@@ -1,0 +1,279 @@
+"""The engine: one micro-batch of adversarial training, shared by the callbacks, the mixin and plain loops.
+
+:class:`AttackStep` owns the gradients of the micro-batch. It moves the gradients of earlier micro-batches
+aside before the clean backward, gives every method the micro-batch's *clean* gradient as its direction, keeps
+what each method contributes apart, and merges everything right before the last backward of the step, which
+is the only one allowed to all-reduce under DDP. "Add" methods (FGM, PGD, FreeLB) add their adversarial
+gradient; "replace" methods (AWP) replace the clean one. Every method restores what it perturbed itself (in
+``finally``), and :meth:`AttackStep.close` puts back whatever is still aside, whatever was raised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_adv.core.grads import GradientStash
+
+Grads = List[Optional[torch.Tensor]]
+
+
+class PassOutput(NamedTuple):
+    """What one forward pass gave: the loss and, when the step returned them, the logits."""
+
+    loss: torch.Tensor
+    logits: Optional[torch.Tensor]
+
+
+class Outcome(NamedTuple):
+    """What one method did in a micro-batch: its detached loss (``None`` when skipped) and a 0-d bool tensor
+    that is True when the attack was skipped (a non-finite gradient, or a pass that returned no loss)."""
+
+    loss: Optional[torch.Tensor]
+    skipped: torch.Tensor
+
+
+class SkipAttack(Exception):
+    """Raised by :meth:`AttackStep.forward` when the step returned ``None`` (the module skipped the batch)."""
+
+
+def pass_output(output: Any) -> Optional[PassOutput]:
+    """Read a step's output: a loss tensor, a mapping with ``"loss"`` (and optionally ``"logits"``), or None."""
+    if output is None:
+        return None
+    if isinstance(output, torch.Tensor):
+        return PassOutput(output, None)
+    if isinstance(output, Mapping) and "loss" in output:
+        return None if output["loss"] is None else PassOutput(output["loss"], output.get("logits"))
+    raise TypeError(
+        "lightning_adv: an adversarial pass needs the loss; return a tensor or a dict with a 'loss' key "
+        f"(and 'logits' for SMART/R3F), got {type(output).__name__}."
+    )
+
+
+class BackwardSync:
+    """When DDP all-reduces: never for the clean or inner adversarial backward passes, once for the last one
+    of the optimizer step. A no-op without a ``DistributedDataParallel`` module."""
+
+    def __init__(self, ddp: Optional[nn.Module] = None) -> None:
+        self.ddp = ddp
+        self._original: Optional[bool] = None
+
+    @property
+    def world_size(self) -> int:
+        group = getattr(self.ddp, "process_group", None)
+        return group.size() if group is not None else 1
+
+    def hold(self) -> None:
+        if self.ddp is not None and self._original is None:
+            self._original = bool(self.ddp.require_backward_grad_sync)
+            self.ddp.require_backward_grad_sync = False
+
+    def arm(self, sync: bool) -> None:
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = sync
+
+    def release(self) -> None:
+        if self.ddp is not None and self._original is not None:
+            self.ddp.require_backward_grad_sync = self._original
+        self._original = None
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+class AttackStep:
+    """One micro-batch: the clean pass, then every method's passes, with one merge of the gradients.
+
+    Call :meth:`before_forward` before the clean forward, :meth:`before_backward` between the clean forward and
+    its backward, :meth:`after_backward` after it, and :meth:`close` in ``finally``; :func:`adversarial_backward`
+    does all of it for a plain loop. A method calls :meth:`clean_grads`, :meth:`zero_grad`, :meth:`forward` and
+    :meth:`backward` while it runs.
+
+    Args:
+        params: the parameters whose gradients the step owns (the trainable parameters of the model).
+        methods: the methods to run, in order.
+        forward: computes the step's output at the current perturbation (a loss, or ``{"loss", "logits"}``;
+            ``None`` skips the attack).
+        backward: backpropagates a loss (scaling, accumulation and precision included); ``loss.backward()``
+            by default.
+        sync: controls the DDP all-reduce; ``sync_last``: whether the last backward must all-reduce.
+        grad_scale: factor from ``.grad`` to the gradient the methods are defined on (``1 / world_size`` under
+            DDP, where a rank holds its local part of the mean); only magnitude guards see it.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        methods: Sequence[Any],
+        forward: Callable[[], Any],
+        backward: Optional[Callable[[torch.Tensor], None]] = None,
+        sync: Optional[BackwardSync] = None,
+        sync_last: bool = True,
+        grad_scale: float = 1.0,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.methods = list(methods)
+        self._forward = forward
+        self._backward = backward or _plain_backward
+        self.sync = sync or BackwardSync()
+        self.sync_last = sync_last
+        self.grad_scale = grad_scale
+        self.earlier = GradientStash(self.params)
+        self._position: Dict[int, int] = {id(p): i for i, p in enumerate(self.params)}
+        self._clean: Optional[Grads] = None
+        self._base: Optional[Grads] = None
+        self._base_weight = 1.0
+        self._parts: List[Grads] = []
+        self._current = 0
+        self._merged = False
+        self.outcomes: List[Outcome] = []
+
+    # -- phases, called by the driver ----------------------------------------------------------------------------
+    def before_forward(self) -> None:
+        """Before the clean forward: no DDP all-reduce until the last backward; methods install their hooks."""
+        self.sync.hold()
+        for method in self.methods:
+            method.prepare(self)
+
+    def before_backward(self, output: Any = None) -> None:
+        """Between the clean forward and its backward: earlier gradients aside; methods that extend the clean
+        loss (SMART, R3F) run their passes."""
+        self.earlier.stash()
+        clean = pass_output(output) if output is not None else None
+        for method in self.methods:
+            method.before_backward(self, clean)
+
+    def after_backward(self) -> List[Outcome]:
+        """After the clean backward: every method from the clean gradient, then one merge."""
+        self._clean = self._base = self._take()
+        self._base_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
+        for i, method in enumerate(self.methods):
+            self._current = i
+            try:
+                outcome = method.run(self)
+            except SkipAttack:
+                self.zero_grad()
+                outcome = Outcome(None, torch.ones((), dtype=torch.bool))
+            self.outcomes.append(outcome)
+            if not self._merged:
+                grads = self._take()
+                if getattr(method, "replaces_gradient", False) and outcome.loss is not None:
+                    self._base, self._base_weight = grads, 1.0
+                else:
+                    self._parts.append(grads)
+        if not self._merged:  # no final pass ran (every attack skipped): the gradients as they are
+            self._merge(replacing=False)
+        return self.outcomes
+
+    def close(self) -> None:
+        """Remove the methods' hooks, put back anything still aside, release the DDP sync (idempotent)."""
+        try:
+            for method in self.methods:
+                method.finish()
+        finally:
+            if not self._merged and self._clean is not None:
+                self._merge(replacing=False)
+            self.earlier.merge()
+            self.sync.release()
+
+    # -- what a method calls ---------------------------------------------------------------------------------------
+    def clean_grads(self, params: Sequence[torch.Tensor], writable: bool = False) -> Grads:
+        """The micro-batch's clean gradient of each of ``params`` (``None`` where it has none). With
+        ``writable``, tensors the caller may overwrite (copies unless nothing needs them afterwards)."""
+        assert self._clean is not None, "clean_grads() is only available while the methods run"
+        grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
+        last = self._current == len(self.methods) - 1
+        if writable and not (last and getattr(self.methods[-1], "replaces_gradient", False) and self._base is self._clean):
+            grads = [None if g is None else g.clone() for g in grads]
+        return grads
+
+    def zero_grad(self) -> None:
+        """Discard the gradients of the method's earlier passes."""
+        for p in self.params:
+            p.grad = None
+
+    def forward(self, final: bool = False) -> PassOutput:
+        """Run the step at the current perturbation. ``final``: the method's last pass; for the last method,
+        the DDP all-reduce is armed before it and the gradients are merged into ``.grad`` before its backward."""
+        last = final and self._current == len(self.methods) - 1
+        if last:
+            self.sync.arm(self.sync_last)
+        out = pass_output(self._forward())
+        if out is None:
+            raise SkipAttack
+        if last:
+            self._merge(replacing=bool(getattr(self.methods[self._current], "replaces_gradient", False)))
+        return out
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._backward(loss)
+
+    # -- gradient bookkeeping ----------------------------------------------------------------------------------------
+    def _take(self) -> Grads:
+        grads = [p.grad for p in self.params]
+        self.zero_grad()
+        return grads
+
+    def _merge(self, replacing: bool) -> None:
+        lists: List[Grads] = [self._take()]
+        if not replacing and self._base is not None:
+            if self._base_weight != 1.0:
+                scaled = [g for g in self._base if g is not None]
+                if scaled:
+                    torch._foreach_mul_(scaled, self._base_weight)
+            lists.append(self._base)
+        lists += self._parts + [self.earlier.take()]
+        into: List[torch.Tensor] = []
+        add: List[torch.Tensor] = []
+        for j, p in enumerate(self.params):
+            values = [grads[j] for grads in lists if grads[j] is not None]
+            p.grad = values[0] if values else None
+            if len(values) > 1:
+                into += [values[0]] * (len(values) - 1)
+                add += values[1:]
+        if add:
+            torch._foreach_add_(into, add)
+        self._base, self._parts = None, []
+        self._merged = True
+
+
+def adversarial_backward(
+    model: nn.Module,
+    methods: Sequence[Any],
+    loss_fn: Callable[[], Any],
+    backward: Optional[Callable[[torch.Tensor], None]] = None,
+) -> List[Outcome]:
+    """One micro-batch of adversarial training in a plain loop: the clean forward and backward of
+    ``loss_fn()`` and every method's passes; ``.grad`` ends up holding the step's gradient, added to what
+    it held before (accumulation). Returns each method's :class:`Outcome`; the clean loss is ``loss_fn``'s.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_adv.core import FGM, AWP, adversarial_backward
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(24, 2))
+        >>> x, y = torch.randint(0, 20, (4, 3)), torch.tensor([0, 1, 0, 1])
+        >>> loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+        >>> outcomes = adversarial_backward(model, [FGM(model, emb_name="0.weight"), AWP(model)], loss_fn)
+        >>> [bool(o.skipped) for o in outcomes], model[0].weight.grad is not None
+        ([False, False], True)
+    """
+    step = AttackStep(model.parameters(), methods, loss_fn, backward)
+    try:
+        step.before_forward()
+        output = loss_fn()
+        step.before_backward(output)
+        clean = pass_output(output)
+        if clean is None:
+            raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss of the batch.")
+        step.backward(clean.loss)
+        return step.after_backward()
+    finally:
+        step.close()
