@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """The cost and the memory of an attack, side by side with the reference snippets (issue #6).
 
-An attack with one adversarial pass costs, at the physical limit, exactly one extra forward+backward. This
-script measures, in ONE process, interleaved round-robin and repeated, the time of a training step of
+An attack with ``k`` adversarial passes costs, at the physical limit, exactly ``k`` extra forward+backward
+passes. This script measures, in ONE process, interleaved round-robin and repeated, the time of a training
+step of
 
 * a hand-written loop without attack (``plain``) and a plain forward+backward of the same batch (``fwd_bwd``,
   no optimizer step: the unit of cost),
-* the same loop with the reference FGM / AWP snippets (``ref_fgm``, ``ref_awp``: the baseline practitioners
-  paste, see ``reference_snippets.py``),
-* the same loop with our core :class:`~lightning_adv.FGM` / :class:`~lightning_adv.AWP` (``ours_fgm``, ``ours_awp``),
-* Lightning without attack (``L_plain``) and with :class:`~lightning_adv.FGMCallback` /
-  :class:`~lightning_adv.AWPCallback` (``L_fgm``, ``L_awp``), timed by a callback from
-  ``on_train_batch_start`` to ``on_train_batch_end``,
+* the same loop with the reference FGM / AWP / PGD / FreeLB snippets (``ref_<method>``: the baseline
+  practitioners paste, see ``reference_snippets.py``),
+* the same loop with our core :class:`~lightning_adv.FGM`, :class:`~lightning_adv.AWP`, :class:`~lightning_adv.PGD`
+  (``method.attack_backward(closure, backward)`` after the clean backward) and :class:`~lightning_adv.FreeLB`
+  (``lightning_adv.core.adversarial_backward(model, [freelb], loss_fn, backward)``: the whole micro-batch,
+  since FreeLB perturbs the clean pass too) (``ours_<method>``),
+* Lightning without attack (``L_plain``) and with :class:`~lightning_adv.FGMCallback`,
+  :class:`~lightning_adv.AWPCallback`, :class:`~lightning_adv.PGDCallback`, :class:`~lightning_adv.FreeLBCallback`
+  (``L_<method>``), timed by a callback from ``on_train_batch_start`` to ``on_train_batch_end``,
 
 and reports the extra cost of an attack in units of one forward+backward::
 
-    X = (T_attack - T_plain) / T_fwd+bwd          (physical limit: 1.00 for one adversarial pass)
+    X = (T_attack - T_plain) / T_fwd+bwd
+    (physical limit: 1.00 for FGM and AWP with adv_step=1, 3.00 for PGD with steps=3, 2.00 for FreeLB with adv_steps=2)
 
 with each T the median over all timed steps of the variant and a 90% bootstrap interval over rounds. It also
 reports the attack's own arithmetic timed alone, where the Lightning callbacks' time goes, the bytes of each
@@ -24,9 +29,10 @@ resident memory of a few training steps of a ~110M-parameter BERT.
 
 Usage::
 
-    nice -n 5 python benchmarks/attack_cost.py --models small,minilm --threads 1 \
-        --out benchmarks/results/attack_cost.md          # ~20 min on 2 cores
-    python benchmarks/attack_cost.py --quick             # a tiny BERT, ~10 s (the smoke test)
+    nice -n 5 python benchmarks/attack_cost.py --models small,minilm --rounds small:13,minilm:9 \
+        --steps small:3,minilm:2 --threads 1 --out benchmarks/results/attack_cost.md -v   # ~30 min on 2 cores
+    python benchmarks/attack_cost.py --quick             # a tiny BERT, ~20 s (the smoke test)
+    python benchmarks/attack_cost.py --methods fgm,pgd   # a subset of the methods
     python benchmarks/attack_cost.py --device cuda --precision bf16   # + host-device synchronisation counts
 
 On CUDA, the number of host-device synchronisations inside the attack arithmetic (the loss closure and the
@@ -62,7 +68,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from reference_snippets import RefAWP, RefFGM  # noqa: E402
+from reference_snippets import RefAWP, RefFGM, RefFreeLB, RefPGD  # noqa: E402
 
 # -- configuration ----------------------------------------------------------------------------------------------
 
@@ -79,12 +85,38 @@ MODELS: Dict[str, Dict[str, Any]] = {
 
 FGM_KW = dict(epsilon=1.0, emb_name="word_embeddings")
 AWP_KW = dict(adv_param="weight", adv_lr=1.0, adv_eps=0.2, adv_step=1)
+PGD_KW = dict(epsilon=1.0, alpha=0.3, steps=3, emb_name="word_embeddings")
+FREELB_KW = dict(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6)  # adv_max_norm=0 (unbounded), norm_type="l2"
 LR = 2e-5
 
-LOOP_VARIANTS = ["fwd_bwd", "plain", "ref_fgm", "ours_fgm", "ref_awp", "ours_awp"]
-LIGHTNING_VARIANTS = ["L_plain", "L_fgm", "L_awp"]
-ARITHMETIC = ["ref_fgm", "ours_fgm", "ref_awp", "ours_awp"]
-PEAK_METHODS = ["plain", "ref_fgm", "ours_fgm", "ref_awp", "ours_awp"]
+# every method: its arguments, its label in the tables, the number of adversarial passes (the physical limit of X)
+METHODS: Dict[str, Dict[str, Any]] = {
+    "fgm": dict(kw=FGM_KW, label="FGM", limit=1, callback="FGMCallback"),
+    "awp": dict(kw=AWP_KW, label=f"AWP (adv_step={AWP_KW['adv_step']})", limit=AWP_KW["adv_step"], callback="AWPCallback"),
+    "pgd": dict(kw=PGD_KW, label=f"PGD (steps={PGD_KW['steps']})", limit=PGD_KW["steps"], callback="PGDCallback"),
+    "freelb": dict(kw=FREELB_KW, label=f"FreeLB (adv_steps={FREELB_KW['adv_steps']})", limit=FREELB_KW["adv_steps"],
+                   callback="FreeLBCallback"),
+}
+PARAMETER_METHODS = ("fgm", "awp", "pgd")  # save a copy of parameters; FreeLB perturbs activations
+ARITHMETIC_METHODS = ("fgm", "awp", "pgd")  # FreeLB's arithmetic runs inside the forward (a hook): not timed alone
+
+
+def loop_variants(methods: Sequence[str]) -> List[str]:
+    return ["fwd_bwd", "plain"] + [f"{side}_{m}" for m in methods for side in ("ref", "ours")]
+
+
+def lightning_variants(methods: Sequence[str]) -> List[str]:
+    return ["L_plain"] + [f"L_{m}" for m in methods]
+
+
+def arithmetic_variants(methods: Sequence[str]) -> List[str]:
+    return [f"{side}_{m}" for m in methods if m in ARITHMETIC_METHODS for side in ("ref", "ours")]
+
+
+def peak_methods(methods: Sequence[str]) -> List[str]:
+    return ["plain"] + [f"{side}_{m}" for m in methods for side in ("ref", "ours")]
+
+
 PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
 
@@ -217,23 +249,28 @@ class Loop:
     """A hand-written training loop on one fixed batch: AdamW, optional autocast and GradScaler."""
 
     def __init__(self, model: nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
-        from lightning_adv import AWP, FGM
+        from lightning_adv import AWP, FGM, PGD, FreeLB
 
         self.model, self.batch, self.device, self.precision = model, batch, device, precision
         self.opt = torch.optim.AdamW(model.parameters(), lr=LR)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.sync = SyncCounter(device)
-        self.fgm = FGM(model, **FGM_KW)
-        self.awp = AWP(model, **AWP_KW)
-        self.ref_fgm = RefFGM(model, **FGM_KW)
-        self.ref_awp = RefAWP(model, **AWP_KW)
+        self.ours: Dict[str, Any] = dict(
+            fgm=FGM(model, **FGM_KW), awp=AWP(model, **AWP_KW), pgd=PGD(model, **PGD_KW), freelb=FreeLB(model, **FREELB_KW),
+        )
+        self.ref: Dict[str, Any] = dict(
+            fgm=RefFGM(model, **FGM_KW), awp=RefAWP(model, **AWP_KW), pgd=RefPGD(model, **PGD_KW),
+            freelb=RefFreeLB(model, **FREELB_KW),
+        )
         self.probe: Optional[Callable[[], None]] = None
 
     # the pieces
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
     def loss(self) -> torch.Tensor:
-        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
-        with ctx:
+        with self.autocast():
             return self.model(**self.batch).loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -253,6 +290,13 @@ class Loop:
         with self.sync.paused():
             return self.loss()
 
+    def forward_kw(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The loss from keyword inputs (RefFreeLB's ``inputs_embeds``); not counted for syncs."""
+        if self.probe is not None:
+            self.probe()
+        with self.sync.paused(), self.autocast():
+            return self.model(**inputs).loss
+
     def adv_backward(self, loss: torch.Tensor) -> None:
         with self.sync.paused():
             self.backward(loss)
@@ -269,38 +313,47 @@ class Loop:
         self.clean()
         self.optimizer_step()
 
-    def ref_fgm_step(self) -> None:
+    def ref_step(self, method: str) -> None:
+        if method == "freelb":  # the snippet runs the whole micro-batch, its clean pass included
+            self.opt.zero_grad(set_to_none=True)
+            with self.sync.counting():
+                self.ref["freelb"].attack_backward(self.batch, self.forward_kw, self.adv_backward)
+            self.optimizer_step()
+            return
         self.clean()
         with self.sync.counting():
-            self.ref_fgm.attack()
-            loss = self.closure()
-            self.adv_backward(loss)
-            self.ref_fgm.restore()
+            if method == "fgm":
+                self.ref["fgm"].attack()
+                loss = self.closure()
+                self.adv_backward(loss)
+                self.ref["fgm"].restore()
+            else:
+                self.ref[method].attack_backward(self.closure, self.adv_backward)
         self.optimizer_step()
 
-    def ref_awp_step(self) -> None:
-        self.clean()
-        with self.sync.counting():
-            self.ref_awp.attack_backward(self.closure, self.adv_backward)
-        self.optimizer_step()
+    def ours_step(self, method: str, mode: str = "warn") -> None:
+        from lightning_adv.core import adversarial_backward
 
-    def ours_fgm_step(self, mode: str = "warn") -> None:
+        if method == "freelb":  # FreeLB needs the whole micro-batch: its clean pass runs at delta0
+            self.opt.zero_grad(set_to_none=True)
+            with self.sync.counting(mode):
+                adversarial_backward(self.model, [self.ours["freelb"]], self.closure, self.adv_backward)
+            self.optimizer_step()
+            return
         self.clean()
         with self.sync.counting(mode):
-            self.fgm.attack_backward(self.closure, self.adv_backward)
+            self.ours[method].attack_backward(self.closure, self.adv_backward)
         self.optimizer_step()
 
-    def ours_awp_step(self, mode: str = "warn") -> None:
-        self.clean()
-        with self.sync.counting(mode):
-            self.awp.attack_backward(self.closure, self.adv_backward)
-        self.optimizer_step()
-
-    def variant(self, name: str) -> Callable[[], None]:
-        return {
-            "fwd_bwd": self.fwd_bwd, "plain": self.plain, "ref_fgm": self.ref_fgm_step, "ours_fgm": self.ours_fgm_step,
-            "ref_awp": self.ref_awp_step, "ours_awp": self.ours_awp_step,
-        }[name]
+    def variant(self, name: str) -> Callable[..., None]:
+        if name == "fwd_bwd":
+            return self.fwd_bwd
+        if name == "plain":
+            return self.plain
+        side, method = name.split("_", 1)
+        if side == "ref":
+            return lambda: self.ref_step(method)
+        return lambda mode="warn": self.ours_step(method, mode)
 
     # the attack arithmetic alone: from a copy of the clean gradient, with a loss closure and backward that do nothing
     def snapshot_grads(self) -> None:
@@ -309,21 +362,29 @@ class Loop:
         self.opt.zero_grad(set_to_none=True)
         self._no_loss = torch.zeros((), device=self.device)
 
+    def _regrad(self, loss: torch.Tensor) -> None:
+        """A backward that costs nothing and leaves a gradient, for the passes of PGD after the first one: the
+        clean gradient (references, never written: PGD and the reference PGD only read the pass's gradient)."""
+        for p, g in self._grads:
+            p.grad = g
+
     def time_arithmetic(self, name: str) -> float:
         """Seconds of one attack without its forward and backward (the gradient reloaded beforehand, untimed)."""
         for p, g in self._grads:
             p.grad = g.clone()
         no_loss = self._no_loss
+        side, method = name.split("_", 1)
+        # PGD reads the gradient of every pass but the last one; the others discard what the pass leaves
+        backward = self._regrad if method == "pgd" else (lambda loss: None)
         self.synchronize()
         t0 = now()
         if name == "ref_fgm":
-            self.ref_fgm.attack()
-            self.ref_fgm.restore()
-        elif name == "ref_awp":
-            self.ref_awp.attack_backward(lambda: no_loss, lambda loss: None)
+            self.ref["fgm"].attack()
+            self.ref["fgm"].restore()
+        elif side == "ref":
+            self.ref[method].attack_backward(lambda: no_loss, backward)
         else:
-            attack = self.fgm if name == "ours_fgm" else self.awp
-            attack.attack_backward(lambda: no_loss, lambda loss: None)
+            self.ours[method].attack_backward(lambda: no_loss, backward)
         self.synchronize()
         elapsed = now() - t0
         self.opt.zero_grad(set_to_none=True)
@@ -334,41 +395,58 @@ class Loop:
             torch.cuda.synchronize(self.device)
 
 
-def saved_state(loop: Loop) -> Dict[str, Any]:
-    """The bytes held by each method's saved state during the attack, read inside the adversarial closure."""
+def saved_state(loop: Loop, methods: Sequence[str]) -> Dict[str, Any]:
+    """The bytes held by each method's saved state during the attack (the largest value read inside the
+    adversarial closure, over its passes). ``perturbed``: the bytes of the perturbed parameters holding a
+    gradient; ``grads``: the bytes of all the gradients (the reference PGD copies them)."""
     out: Dict[str, Any] = {}
-    for method, attack, ref in (("fgm", loop.fgm, loop.ref_fgm), ("awp", loop.awp, loop.ref_awp)):
+    for method in [m for m in methods if m in PARAMETER_METHODS]:
+        attack, ref = loop.ours[method], loop.ref[method]
         loop.clean()
         perturbed = tensor_bytes([p for p in attack.parameters if p.grad is not None])
-        seen: Dict[str, int] = {}
-        loop.probe = lambda: seen.__setitem__("ours", attack.saved_bytes())
-        getattr(loop, f"ours_{method}_step")()
-        loop.clean()
-        loop.probe = lambda: seen.__setitem__("ref", ref.saved_bytes())
-        getattr(loop, f"ref_{method}_step")()
+        grads = tensor_bytes([p.grad for p in loop.model.parameters() if p.grad is not None])
+        seen: Dict[str, int] = {"ours": 0, "ref": 0}
+        loop.probe = lambda: seen.__setitem__("ours", max(seen["ours"], attack.saved_bytes()))
+        loop.ours_step(method)
+        loop.probe = lambda: seen.__setitem__("ref", max(seen["ref"], ref.saved_bytes()))
+        loop.ref_step(method)
         loop.probe = None
-        out[method] = dict(perturbed=perturbed, ours=seen["ours"], ref=seen["ref"])
+        out[method] = dict(perturbed=perturbed, grads=grads, ours=seen["ours"], ref=seen["ref"])
+    if "freelb" in methods:  # no saved copy: both keep the per-example perturbation delta [B, T, H] between passes
+        freelb = loop.ours["freelb"]
+        seen_delta: Dict[str, int] = {}
+
+        def probe() -> None:
+            delta = freelb.target.delta
+            if delta is not None:
+                seen_delta["delta"] = max(seen_delta.get("delta", 0), tensor_bytes([delta]))
+
+        loop.probe = probe
+        loop.ours_step("freelb")
+        loop.probe = None
+        out["freelb"] = dict(delta=seen_delta.get("delta", 0))
     loop.opt.zero_grad(set_to_none=True)
     return out
 
 
-def sync_counts(loop: Loop) -> Dict[str, Any]:
+def sync_counts(loop: Loop, methods: Sequence[str]) -> Dict[str, Any]:
     """Host-device synchronisations inside the attack arithmetic (closure and backward excluded), per step."""
     if not loop.sync.enabled:
         return {}
     out: Dict[str, Any] = {}
     loop.sync.armed = True
     try:
-        for name in ("ref_fgm", "ours_fgm", "ref_awp", "ours_awp"):
-            loop.sync.count = 0
-            loop.variant(name)()
-            out[name] = loop.sync.count
-        for name in ("ours_fgm", "ours_awp"):  # and once more, where any synchronisation raises
+        for m in methods:
+            for name in (f"ref_{m}", f"ours_{m}"):
+                loop.sync.count = 0
+                loop.variant(name)()
+                out[name] = loop.sync.count
+        for m in methods:  # and once more, where any synchronisation raises
             try:
-                loop.variant(name)(mode="error")  # type: ignore[call-arg]
-                out[f"{name}_error_mode"] = "ok"
+                loop.ours_step(m, mode="error")
+                out[f"ours_{m}_error_mode"] = "ok"
             except RuntimeError as err:
-                out[f"{name}_error_mode"] = f"raised: {str(err).splitlines()[0][:120]}"
+                out[f"ours_{m}_error_mode"] = f"raised: {str(err).splitlines()[0][:120]}"
     finally:
         loop.sync.armed = False
     return out
@@ -378,15 +456,24 @@ def sync_counts(loop: Loop) -> Dict[str, Any]:
 
 
 class Breakdown:
-    """Wall time per step of the pieces of an adversarial callback's work, from wrappers around its hooks.
+    """Time per step of the pieces of an adversarial callback's work, from wrappers around public points.
 
     Outermost calls only (a hook that fires again inside another is not counted twice). Buckets, in seconds:
-    ``hooks`` (the adversarial callback's own hooks), ``attack`` (``attack_backward``), ``closure`` and
-    ``backward`` (the loss closure and the backward function it was given), ``forward`` and ``autograd`` (the
-    model's forward and ``loss.backward()`` inside them).
+
+    * ``hooks``: the adversarial callback's own hooks (``on_train_batch_start``, ``on_before_backward``,
+      ``on_after_backward``, ``on_train_batch_end``), everything it does;
+    * ``batch_start``: ``Coordinator.batch_start`` (the plan, the copy of the batch's containers, the
+      ``AttackStep`` and the methods' ``prepare``); ``engine``: ``Coordinator.after_backward`` (the whole attack);
+    * ``attack``: ``callback.method.run(step)`` (the method's passes and arithmetic);
+    * ``pass`` / ``backward``: ``step.forward`` / ``step.backward`` called by the method (the re-run of the step
+      through the strategy, with the gradient merge before the last pass; the backward through the precision plugin);
+    * ``forward`` / ``autograd``: the model's forward in ``training_step`` and ``LightningModule.backward``, while
+      ``lightning_adv.in_adversarial_pass(module)``;
+    * ``record``: ``callback.record`` (counters and ``self.log`` of the adversarial loss); ``guard``: the
+      coordinator's ``StateGuard.preserved`` (snapshot and restoration of buffers and metric states).
     """
 
-    BUCKETS = ("hooks", "attack", "closure", "forward", "backward", "autograd", "round", "record", "guard")
+    BUCKETS = ("hooks", "batch_start", "engine", "attack", "pass", "forward", "backward", "autograd", "record", "guard")
 
     def __init__(self) -> None:
         self.current: Dict[str, float] = dict.fromkeys(self.BUCKETS, 0.0)
@@ -404,29 +491,34 @@ class Breakdown:
             if self._depth[bucket] == 0:
                 self.current[bucket] += now() - t0
 
-    def wrap(self, obj: Any, name: str, bucket: str) -> None:
-        fn = getattr(obj, name)
-
+    def timed(self, fn: Callable[..., Any], bucket: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             with self.timing(bucket):
                 return fn(*args, **kwargs)
 
-        setattr(obj, name, timed)
+        return timed
+
+    def wrap(self, obj: Any, name: str, bucket: str) -> None:
+        """Shadow ``obj.name`` by a timed wrapper, on the instance."""
+        setattr(obj, name, self.timed(getattr(obj, name), bucket))
 
     def end_step(self) -> None:
         self.steps.append(self.current)
         self.current = dict.fromkeys(self.BUCKETS, 0.0)
 
-    def instrument(self, callback: Any) -> None:
-        """Wrap the callback's hooks and its attack (call after the callback's ``on_fit_start``)."""
+    def instrument(self, callback: Any, trainer: Any) -> None:
+        """Wrap the callback's hooks, its method and the trainer's coordinator (after the callback's ``on_fit_start``,
+        which builds the method and the coordinator's ``StateGuard``)."""
+        from lightning_adv.callbacks.coordinator import coordinator_of
+
         for hook in ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_train_batch_end"):
             self.wrap(callback, hook, "hooks")
-        # finer pieces of the machinery, where the callback has them (private names: skipped if they move)
-        self.wrap(callback, "on_train_batch_start", "round")  # planning the attack round, the gradient stash
-        if callable(getattr(callback, "_record", None)):
-            self.wrap(callback, "_record", "record")  # counters and self.log of the adversarial loss
-        guard = getattr(callback, "_guard", None)
-        if guard is not None and callable(getattr(guard, "preserved", None)):
+        self.wrap(callback, "record", "record")
+        coordinator = coordinator_of(trainer)
+        self.wrap(coordinator, "batch_start", "batch_start")
+        self.wrap(coordinator, "after_backward", "engine")
+        guard = coordinator.guard
+        if guard is not None:
             original_preserved = guard.preserved
 
             @contextlib.contextmanager
@@ -441,27 +533,24 @@ class Breakdown:
                         cm.__exit__(*sys.exc_info())
 
             guard.preserved = preserved
-        attack = callback._attack
-        original = attack.attack_backward
+        method = callback.method
+        run = method.run
 
-        def attack_backward(closure: Any, backward: Any = None, before_last_pass: Any = None) -> Any:
-            def timed_closure() -> Any:
-                with self.timing("closure"):
-                    return closure()
-
-            def timed_backward(loss: torch.Tensor) -> None:
-                with self.timing("backward"):
-                    backward(loss)
-
+        def timed_run(step: Any) -> Any:
+            if "forward" not in vars(step):  # once per AttackStep: the passes the methods run through it
+                self.wrap(step, "forward", "pass")
+                self.wrap(step, "backward", "backward")
             with self.timing("attack"):
-                return original(timed_closure, timed_backward if backward is not None else None, before_last_pass)
+                return run(step)
 
-        attack.attack_backward = attack_backward
+        method.run = timed_run
 
 
 def lightning_parts(sync: SyncCounter) -> Dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
+
+    from lightning_adv import in_adversarial_pass
 
     class BenchModule(L.LightningModule):
         """The same model and loss; logs the loss as a typical module does; no torchmetrics."""
@@ -471,9 +560,9 @@ def lightning_parts(sync: SyncCounter) -> Dict[str, Any]:
             self.model = model
             self.breakdown: Optional[Breakdown] = None
 
-        def _adversarial(self) -> contextlib.AbstractContextManager:
-            active = self.breakdown is not None and getattr(self, "_adv_active", False)
-            return self.breakdown.timing if active else None  # type: ignore[return-value,union-attr]
+        def _adversarial(self) -> Optional[Callable[[str], contextlib.AbstractContextManager]]:
+            active = self.breakdown is not None and in_adversarial_pass(self)
+            return self.breakdown.timing if active else None  # type: ignore[union-attr]
 
         def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             timing = self._adversarial()
@@ -514,7 +603,7 @@ def lightning_parts(sync: SyncCounter) -> Dict[str, Any]:
                 pl_module.breakdown = self.breakdown
                 for cb in trainer.callbacks:
                     if isinstance(cb, AdversarialCallback):
-                        self.breakdown.instrument(cb)
+                        self.breakdown.instrument(cb, trainer)
 
         def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
             pl_module.breakdown = None
@@ -556,24 +645,26 @@ class RepeatBatch(torch.utils.data.Dataset):
 class LightningRunner:
     """Short fits of the same module: one fresh ``Trainer`` per fit, the first steps of each dropped."""
 
-    def __init__(self, model: nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
+    def __init__(self, model: nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str,
+                 methods: Sequence[str]) -> None:
         self.sync = SyncCounter(device)
         self.parts = lightning_parts(self.sync)
         self.module = self.parts["BenchModule"](model)
         self.batch = {k: v.cpu() for k, v in batch.items()}
-        self.device, self.precision = device, precision
-        self.breakdowns: Dict[str, List[Dict[str, float]]] = {"L_fgm": [], "L_awp": []}
+        self.device, self.precision, self.methods = device, precision, list(methods)
+        self.breakdowns: Dict[str, List[Dict[str, float]]] = {f"L_{m}": [] for m in self.methods}
+
+    def callback(self, method: str) -> Any:
+        import lightning_adv
+
+        return getattr(lightning_adv, METHODS[method]["callback"])(**METHODS[method]["kw"])
 
     def fit(self, variant: str, steps: int, warmup: int, count_syncs: bool = False) -> List[Dict[str, float]]:
-        from lightning_adv import AWPCallback, FGMCallback
-
         breakdown = Breakdown() if variant in self.breakdowns and not count_syncs else None
         timer = self.parts["StepTimer"](self.device, count_syncs, breakdown)
         callbacks: List[Any] = [timer]
-        if variant == "L_fgm":
-            callbacks.append(FGMCallback(**FGM_KW))
-        elif variant == "L_awp":
-            callbacks.append(AWPCallback(**AWP_KW))
+        if variant != "L_plain":
+            callbacks.append(self.callback(variant[2:]))
         callbacks.append(timer.end)
         trainer = self.parts["L"].Trainer(
             accelerator=self.device.type, devices=1, max_steps=warmup + steps, precision=PRECISIONS[self.precision],
@@ -590,7 +681,7 @@ class LightningRunner:
         if not self.sync.enabled:
             return {}
         out = {}
-        for variant in LIGHTNING_VARIANTS:
+        for variant in lightning_variants(self.methods):
             self.sync.count = 0
             self.fit(variant, steps=2, warmup=1, count_syncs=True)
             out[variant] = self.sync.count / 3
@@ -605,10 +696,11 @@ class LightningRunner:
             med = {k: 1e3 * statistics.median(s[k] for s in steps) for k in Breakdown.BUCKETS}
             derived = [
                 dict(
-                    arithmetic=s["attack"] - s["closure"] - s["backward"],
+                    arithmetic=s["attack"] - s["pass"] - s["backward"],
                     machinery=s["hooks"] - s["attack"],
-                    other=s["hooks"] - s["attack"] - s["round"] - s["record"] - s["guard"],
-                    step_dispatch=s["closure"] - s["forward"],
+                    engine_rest=s["engine"] - s["attack"] - s["guard"] - s["record"],
+                    other=s["hooks"] - s["engine"] - s["batch_start"],
+                    step_dispatch=s["pass"] - s["forward"],
                     backward_dispatch=s["backward"] - s["autograd"],
                 )
                 for s in steps
@@ -642,22 +734,23 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     model = build_model(name).to(device)
     batch_size, seq = args.batch or spec["batch"], args.seq or spec["seq"]
     batch = {k: v.to(device) for k, v in make_batch(model, batch_size, seq).items()}
+    methods = args.method_list
     loop = Loop(model, batch, device, args.precision)
-    runner = LightningRunner(model, batch, device, args.precision) if not args.no_lightning else None
+    runner = LightningRunner(model, batch, device, args.precision, methods) if not args.no_lightning else None
 
     # warm-up: every loop variant a few times, and one short fit of each Lightning variant
     for _ in range(args.warmup):
-        for v in LOOP_VARIANTS:
+        for v in loop_variants(methods):
             loop.variant(v)()
     if runner is not None and not args.quick:
-        for v in LIGHTNING_VARIANTS:
+        for v in lightning_variants(methods):
             runner.fit(v, steps=1, warmup=1)
     loop.snapshot_grads()
 
-    variants = LOOP_VARIANTS + (LIGHTNING_VARIANTS if runner is not None else [])
+    variants = loop_variants(methods) + (lightning_variants(methods) if runner is not None else [])
     rounds: List[Dict[str, Dict[str, float]]] = []  # per round: variant -> clock -> median seconds
     raw: Dict[str, List[List[Dict[str, float]]]] = {v: [] for v in variants}  # variant -> round -> step -> clock
-    arithmetic: Dict[str, List[float]] = {v: [] for v in ARITHMETIC}
+    arithmetic: Dict[str, List[float]] = {v: [] for v in arithmetic_variants(methods)}
     t_start = time.perf_counter()
     for r in range(n_rounds):
         order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate: no position bias
@@ -677,7 +770,7 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
                         times.append(since(t0))
             medians[v] = {c: statistics.median(t[c] for t in times) for c in CLOCKS}
             raw[v].append(times)
-        for v in ARITHMETIC:
+        for v in arithmetic:
             arithmetic[v] += [loop.time_arithmetic(v) for _ in range(n_steps)]
         rounds.append(medians)
         if args.verbose:
@@ -690,11 +783,13 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
         rounds=n_rounds, steps=n_steps, seconds=elapsed,
         median_ms={c: {v: 1e3 * statistics.median(t[c] for r in raw[v] for t in r) for v in variants} for c in CLOCKS},
         arithmetic_ms={v: 1e3 * statistics.median(ts) for v, ts in arithmetic.items()},
-        saved=saved_state(loop),
-        syncs=dict(loop=sync_counts(loop), lightning=runner.sync_counts() if runner is not None else {}),
+        saved=saved_state(loop, methods),
+        syncs=dict(loop=sync_counts(loop, methods), lightning=runner.sync_counts() if runner is not None else {}),
         steps_ms={v: [[{c: 1e3 * t[c] for c in CLOCKS} for t in r] for r in raw[v]] for v in variants},
-        X={c: x_table({v: [[t[c] for t in r] for r in raw[v]] for v in variants}, runner is not None) for c in CLOCKS},
-        X_per_round={c: x_per_round([{v: d[c] for v, d in r.items()} for r in rounds], runner is not None) for c in CLOCKS},
+        X={c: x_table({v: [[t[c] for t in r] for r in raw[v]] for v in variants}, methods, runner is not None)
+           for c in CLOCKS},
+        X_per_round={c: x_per_round([{v: d[c] for v, d in r.items()} for r in rounds], methods, runner is not None)
+                     for c in CLOCKS},
     )
     if runner is not None:
         result["lightning_plain_overhead_ms"] = {
@@ -704,10 +799,10 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     return result
 
 
-def _xs(med: Dict[str, float], lightning: bool) -> Dict[str, float]:
+def _xs(med: Dict[str, float], methods: Sequence[str], lightning: bool) -> Dict[str, float]:
     """The X values from one median time per variant."""
     f, out = med["fwd_bwd"], {}
-    for m in ("fgm", "awp"):
+    for m in methods:
         out[f"{m}.ref"] = (med[f"ref_{m}"] - med["plain"]) / f
         out[f"{m}.ours"] = (med[f"ours_{m}"] - med["plain"]) / f
         out[f"{m}.ours_minus_ref"] = out[f"{m}.ours"] - out[f"{m}.ref"]
@@ -717,7 +812,7 @@ def _xs(med: Dict[str, float], lightning: bool) -> Dict[str, float]:
     return out
 
 
-def x_table(raw: Dict[str, List[List[float]]], lightning: bool, resamples: int = 2000) -> Dict[str, Any]:
+def x_table(raw: Dict[str, List[List[float]]], methods: Sequence[str], lightning: bool, resamples: int = 2000) -> Dict[str, Any]:
     """X per method from the median over all timed steps of each variant (seconds of one clock), with a 90%
     bootstrap interval: rounds drawn with replacement (the variants of a round together), medians taken again."""
     import random
@@ -726,9 +821,9 @@ def x_table(raw: Dict[str, List[List[float]]], lightning: bool, resamples: int =
         return {v: statistics.median(t for r in rounds for t in raw[v][r]) for v in raw}
 
     n = len(next(iter(raw.values())))
-    point = _xs(medians(range(n)), lightning)
+    point = _xs(medians(range(n)), methods, lightning)
     rng = random.Random(0)
-    draws = [_xs(medians([rng.randrange(n) for _ in range(n)]), lightning) for _ in range(resamples)]
+    draws = [_xs(medians([rng.randrange(n) for _ in range(n)]), methods, lightning) for _ in range(resamples)]
     x: Dict[str, Any] = {}
     for key, value in point.items():
         m, what = key.split(".")
@@ -737,10 +832,10 @@ def x_table(raw: Dict[str, List[List[float]]], lightning: bool, resamples: int =
     return x
 
 
-def x_per_round(rounds: List[Dict[str, float]], lightning: bool) -> Dict[str, Any]:
+def x_per_round(rounds: List[Dict[str, float]], methods: Sequence[str], lightning: bool) -> Dict[str, Any]:
     """X per method from per-round medians (seconds of one clock), summarised over rounds (a cross-check)."""
     x: Dict[str, Any] = {}
-    for m in ("fgm", "awp"):
+    for m in methods:
         x[m] = dict(
             ref=summary([(r[f"ref_{m}"] - r["plain"]) / r["fwd_bwd"] for r in rounds]),
             ours=summary([(r[f"ours_{m}"] - r["plain"]) / r["fwd_bwd"] for r in rounds]),
@@ -793,8 +888,7 @@ def peak_child(args: argparse.Namespace) -> None:
     spec = MODELS[args.peak_model]
     batch = {k: v.to(device) for k, v in make_batch(model, spec["batch"], spec["seq"]).items()}
     loop = Loop(model, batch, device, args.precision)
-    fn = {"plain": loop.plain, "ref_fgm": loop.ref_fgm_step, "ours_fgm": loop.ours_fgm_step,
-          "ref_awp": loop.ref_awp_step, "ours_awp": loop.ours_awp_step}[args.peak_child]
+    fn = loop.variant(args.peak_child)
     gc.collect()
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak_rss()
@@ -872,12 +966,16 @@ def _x(d: Optional[Dict[str, float]], signed: bool = False) -> str:
 def render(results: Dict[str, Any], command: str) -> str:
     mach = results["machine"]
     a = results["args"]
+    methods: List[str] = a["method_list"]
+    loop_vs, light_vs = loop_variants(methods), lightning_variants(methods)
     lightning = not a["no_lightning"]
     clock = a["clock"]
     other = "wall" if clock == "cpu" else "cpu"
     clock_words = {"cpu": "process CPU time (`time.process_time`: user + system, page faults included; the time the "
                           "process waits for a core while other jobs run is left out)",
                    "wall": "wall time (`time.perf_counter`)"}
+    limits = ", ".join(f"{METHODS[m]['limit']:.2f} for {METHODS[m]['label']}" for m in methods)
+    kwargs = "; ".join(f"{METHODS[m]['label'].split(' ')[0]} {METHODS[m]['kw']}" for m in methods)
     lines = [
         "# Attack cost and memory: lightning_adv vs the reference snippets",
         "",
@@ -888,107 +986,134 @@ def render(results: Dict[str, Any], command: str) -> str:
         f"lightning {mach.get('lightning', '?')}, transformers {mach.get('transformers', '?')}"
         + (f"; GPU {mach['gpu']}" if mach.get("gpu") else "") + ".",
         "",
-        f"Device `{a['device']}`, precision `{a['precision']}`, AdamW (lr {LR}); FGM {FGM_KW}; AWP {AWP_KW}. "
+        f"Device `{a['device']}`, precision `{a['precision']}`, AdamW (lr {LR}); {kwargs}. "
         f"Rounds `{a['rounds']}`, interleaved round-robin (order rotated each round); in a round every variant runs "
         f"{a['block_warmup']} untimed + {a['steps']} timed steps of the hand-written loop, or one short fit "
         f"(a fresh `Trainer`, {a['lightning_warmup']} untimed + {a['steps']} timed steps, timed from the first "
         "callback's `on_train_batch_start` to the last one's `on_train_batch_end`). "
-        f"Clock of the tables: {clock_words[clock]}; the {other} clock is recorded too (last table).",
+        f"Clock of the tables: {clock_words[clock]}; the {other} clock is recorded too (last table). "
+        "Hand-written loop, ours: `method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD); "
+        "`lightning_adv.core.adversarial_backward(model, [freelb], loss_fn, backward)` for the whole micro-batch "
+        "(FreeLB perturbs the clean pass too; so does the reference snippet).",
         "",
         "**X = (T_attack − T_plain) / T_fwd+bwd**: the extra cost of the attack in units of one forward+backward "
-        "(no optimizer step) of the same batch; the physical limit of one adversarial pass is 1.00. Each T is the "
+        "(no optimizer step) of the same batch; the physical limit is the number of adversarial passes: "
+        f"{limits} (column *limit*). Each T is the "
         "median over all timed steps of the variant; [brackets]: 90% bootstrap interval (rounds resampled with "
         "replacement, all variants of a round together, so that *ours − baseline* and *Lightning − loop* are "
         "paired). *Lightning* uses the plain Lightning step as T_plain.",
         "",
-        "| model | method | T_fwd+bwd (ms) | X baseline | X ours (loop) | ours − baseline | "
+        "| model | method | limit | T_fwd+bwd (ms) | X baseline | X ours (loop) | ours − baseline | "
         + ("X ours (Lightning) | Lightning − loop | " if lightning else "")
         + "saved state ours | saved state baseline |",
-        "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if lightning else "") + "---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if lightning else "") + "---:|---:|",
     ]
     for res in results["models"]:
         f = res["median_ms"][clock]["fwd_bwd"]
-        for m, label in (("fgm", "FGM"), ("awp", "AWP (adv_step=1)")):
+        for m in methods:
             x, s = res["X"][clock][m], res["saved"][m]
-            row = (f"| {res['model']} ({res['batch']}×{res['seq']}) | {label} | {f:.1f} | {_x(x['ref'])} | "
-                   f"**{_x(x['ours'])}** | {_x(x['ours_minus_ref'], True)} | ")
+            row = (f"| {res['model']} ({res['batch']}×{res['seq']}) | {METHODS[m]['label']} | {METHODS[m]['limit']:.2f} | "
+                   f"{f:.1f} | {_x(x['ref'])} | **{_x(x['ours'])}** | {_x(x['ours_minus_ref'], True)} | ")
             if lightning:
                 row += f"{_x(x.get('lightning'))} | {_x(x.get('lightning_minus_loop'), True)} | "
-            row += (f"{_mib(s['ours'])} ({s['ours'] / s['perturbed']:.2f}×) | "
-                    f"{_mib(s['ref'])} ({s['ref'] / s['perturbed']:.2f}×) |")
+            if m in PARAMETER_METHODS:
+                row += (f"{_mib(s['ours'])} ({s['ours'] / s['perturbed']:.2f}×) | "
+                        f"{_mib(s['ref'])} ({s['ref'] / s['perturbed']:.2f}×) |")
+            else:
+                row += f"none (δ {_mib(s['delta'])}) | none (δ {_mib(s['delta'])}) |"
             lines.append(row)
     lines += [
         "",
-        "Saved state: the bytes held by the method's saved copies while the adversarial pass runs (ours: "
-        "`attack.saved_bytes()`; baseline: the snippet's `backup` dict, and `bounds` for AWP), read inside the "
-        "adversarial loss closure; (×) in multiples of the bytes of the perturbed parameters (FGM: the word-embedding "
-        "matrix; AWP: every parameter whose name contains `weight`).",
+        "Saved state: the bytes held by the method's saved copies while the adversarial passes run, the largest "
+        "value read inside the adversarial loss closure (ours: `method.saved_bytes()`; baseline: the snippet's "
+        "`backup` dict, and `bounds` for AWP, `emb_backup` and `grad_backup` (a copy of every gradient) for PGD); "
+        "(×) in multiples of the bytes of the perturbed parameters (FGM, PGD: the word-embedding matrix; AWP: every "
+        "parameter whose name contains `weight`). FreeLB perturbs the embedding output, not parameters: neither "
+        "saves a copy; both keep the per-example perturbation δ [batch, tokens, hidden] between passes.",
         "",
         "Median time per step (ms) of every variant, and the attack's own arithmetic timed alone (backup, perturbation, "
-        "restore: the attack with a loss closure and a backward that do nothing, from a copy of the clean gradient):",
+        "restore: the attack with a loss closure and a backward that do nothing (PGD: that leave the clean gradient "
+        "for the next pass), from a copy of the clean gradient; FreeLB's arithmetic runs in a forward hook and is "
+        "not timed alone):",
         "",
-        "| model | params | " + " | ".join(LOOP_VARIANTS + (LIGHTNING_VARIANTS if lightning else []))
-        + " | arithmetic FGM: baseline / ours | arithmetic AWP: baseline / ours | wall (s) |",
-        "|---|---:|" + "---:|" * (len(LOOP_VARIANTS) + (len(LIGHTNING_VARIANTS) if lightning else 0)) + "---:|---:|---:|",
+    ]
+    arith_methods = [m for m in methods if m in ARITHMETIC_METHODS]
+    arith_heads = [f"arithmetic {METHODS[m]['label'].split(' ')[0]}: baseline / ours" for m in arith_methods]
+    shown = loop_vs + (light_vs if lightning else [])
+    lines += [
+        "| model | params | " + " | ".join(shown + arith_heads) + " | wall (s) |",
+        "|---|---:|" + "---:|" * (len(shown) + len(arith_heads)) + "---:|",
     ]
     for res in results["models"]:
-        cells = [f"{res['median_ms'][clock][v]:.1f}" for v in LOOP_VARIANTS + (LIGHTNING_VARIANTS if lightning else [])]
+        cells = [f"{res['median_ms'][clock][v]:.1f}" for v in shown]
         ar, f = res["arithmetic_ms"], res["median_ms"][clock]["fwd_bwd"]
         arith = [f"{ar[f'ref_{m}']:.1f} / {ar[f'ours_{m}']:.1f} ({ar[f'ref_{m}'] / f:.3f} / {ar[f'ours_{m}'] / f:.3f} units)"
-                 for m in ("fgm", "awp")]
+                 for m in arith_methods]
         lines.append(f"| {res['model']} | {res['params'] / 1e6:.1f}M | " + " | ".join(cells + arith) + f" | {res['seconds']:.0f} |")
 
     if lightning:
         lines += [
             "",
-            "Lightning, per attacked step (median ms): where the callbacks' time goes. *hooks*: the adversarial "
-            "callback's own hooks in all; *adv. forward* / *adv. autograd*: the model's forward and `loss.backward()` "
-            "of the adversarial pass; *step dispatch*: the rest of the adversarial loss closure (`strategy.training_step`, "
-            "`silenced_logging`, the `self.log` calls); *backward dispatch*: the precision plugin around `loss.backward()`; "
-            "*arithmetic*: `attack_backward` minus its closure and backward; *machinery*: the hooks minus `attack_backward` "
-            "(attack round and gradient stash, `StateGuard` snapshot/restore, `_record` logging). Plain Lightning step "
-            "minus plain loop step: Lightning's own overhead, for scale.",
+            "Lightning, per attacked step (median ms): where the callbacks' time goes, from wrappers around public "
+            "points. *hooks*: the adversarial callback's own hooks in all; *adv. forward* / *adv. autograd*: the model's "
+            "forward and `LightningModule.backward` during the adversarial passes (`in_adversarial_pass(module)`); "
+            "*step dispatch*: `step.forward` minus the model's forward (`strategy.training_step`, the silenced "
+            "`self.log`, and the gradient merge before the last pass); *backward dispatch*: `step.backward` minus "
+            "`LightningModule.backward` (the precision plugin, the backward hooks); *arithmetic*: `callback.method.run` "
+            "minus its passes (perturbation, snapshot, restore); *machinery*: the hooks minus `method.run`, split into "
+            "`callback.record` (counters, `self.log` of the adversarial loss), the coordinator's `StateGuard` "
+            "(buffers and metric states), `Coordinator.batch_start` (plan, copy of the batch's containers, the "
+            "`AttackStep`, the methods' `prepare`), the rest of `Coordinator.after_backward` (clean gradient aside, "
+            "silenced logging, side-effect check) and the other hooks (earlier gradients aside, closing the step). "
+            "Plain Lightning step minus plain loop step: Lightning's own overhead, for scale.",
             "",
             "| model | callback | hooks | adv. forward | adv. autograd | step dispatch | backward dispatch | arithmetic | "
-            "machinery | of which `_record` | `StateGuard` | `on_train_batch_start` | rest | Lightning plain − loop plain |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "machinery | `record` | `StateGuard` | `batch_start` | `after_backward` rest | other hooks | "
+            "Lightning plain − loop plain |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for res in results["models"]:
             for variant, bd in res.get("breakdown_ms", {}).items():
                 lines.append(
-                    f"| {res['model']} | {variant[2:].upper()}Callback | {bd['hooks']:.1f} | {bd['forward']:.1f} | "
+                    f"| {res['model']} | {METHODS[variant[2:]]['callback']} | {bd['hooks']:.1f} | {bd['forward']:.1f} | "
                     f"{bd['autograd']:.1f} | {bd['step_dispatch']:.2f} | {bd['backward_dispatch']:.2f} | "
                     f"{bd['arithmetic']:.1f} | {bd['machinery']:.2f} | {bd['record']:.2f} | {bd['guard']:.2f} | "
-                    f"{bd['round']:.2f} | {bd['other']:.2f} | {res['median_ms'][clock]['L_plain'] - res['median_ms'][clock]['plain']:+.1f} |"
+                    f"{bd['batch_start']:.2f} | {bd['engine_rest']:.2f} | {bd['other']:.2f} | "
+                    f"{res['median_ms'][clock]['L_plain'] - res['median_ms'][clock]['plain']:+.1f} |"
                 )
 
     lines += [
         "",
         f"The same X by the {other} clock ({clock_words[other]}):",
         "",
-        "| model | method | T_fwd+bwd (ms) | X baseline | X ours (loop) | ours − baseline |" + (" X ours (Lightning) |" if lightning else ""),
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if lightning else ""),
+        "| model | method | limit | T_fwd+bwd (ms) | X baseline | X ours (loop) | ours − baseline |"
+        + (" X ours (Lightning) |" if lightning else ""),
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if lightning else ""),
     ]
     for res in results["models"]:
-        for m, label in (("fgm", "FGM"), ("awp", "AWP (adv_step=1)")):
+        for m in methods:
             x = res["X"][other][m]
             lines.append(
-                f"| {res['model']} | {label} | {res['median_ms'][other]['fwd_bwd']:.1f} | {_x(x['ref'])} | {_x(x['ours'])} | "
-                f"{_x(x['ours_minus_ref'], True)} |" + (f" {_x(x.get('lightning'))} |" if lightning else "")
+                f"| {res['model']} | {METHODS[m]['label']} | {METHODS[m]['limit']:.2f} | {res['median_ms'][other]['fwd_bwd']:.1f} | "
+                f"{_x(x['ref'])} | {_x(x['ours'])} | {_x(x['ours_minus_ref'], True)} |"
+                + (f" {_x(x.get('lightning'))} |" if lightning else "")
             )
 
     syncs = [(res["model"], res["syncs"]) for res in results["models"] if res["syncs"].get("loop")]
-    lines += ["", "Host-device synchronisations inside the attack (the loss closure and the backward excluded):", ""]
+    lines += ["", "Host-device synchronisations inside the attack (the loss closure and the backward excluded; FreeLB: "
+              "the work of its forward hook runs inside the loss closure and is excluded too):", ""]
     if syncs:
-        lines += ["| model | ref FGM | ours FGM | ref AWP | ours AWP | ours under `set_sync_debug_mode(\"error\")` | "
-                  "Lightning step without forward/backward (plain / FGM / AWP) |",
-                  "|---|---:|---:|---:|---:|---|---|"]
+        heads = [f"{side} {METHODS[m]['label'].split(' ')[0]}" for m in methods for side in ("ref", "ours")]
+        lines += ["| model | " + " | ".join(heads) + " | ours under `set_sync_debug_mode(\"error\")` | "
+                  f"Lightning step without forward/backward ({' / '.join(light_vs)}) |",
+                  "|---|" + "---:|" * len(heads) + "---|---|"]
         for name, s in syncs:
             lp = s.get("lightning", {})
+            counts = [str(s["loop"][f"{side}_{m}"]) for m in methods for side in ("ref", "ours")]
+            modes = ", ".join(f"{METHODS[m]['label'].split(' ')[0]} {s['loop'][f'ours_{m}_error_mode']}" for m in methods)
             lines.append(
-                f"| {name} | {s['loop']['ref_fgm']} | {s['loop']['ours_fgm']} | {s['loop']['ref_awp']} | {s['loop']['ours_awp']} | "
-                f"FGM {s['loop']['ours_fgm_error_mode']}, AWP {s['loop']['ours_awp_error_mode']} | "
-                + (" / ".join(f"{lp[v]:.1f}" for v in LIGHTNING_VARIANTS) if lp else "–") + " |"
+                f"| {name} | " + " | ".join(counts) + f" | {modes} | "
+                + (" / ".join(f"{lp[v]:.1f}" for v in light_vs) if lp else "–") + " |"
             )
     else:
         lines.append(
@@ -1048,6 +1173,7 @@ def write_report(path: str, text: str) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="small,minilm", help=f"comma-separated, among {', '.join(MODELS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
     p.add_argument("--rounds", default="small:13,minilm:9",
                    help="interleaved rounds (medians over rounds): a count, or per model, e.g. small:13,minilm:9")
     p.add_argument("--steps", default="small:3,minilm:2", help="timed steps per variant and round (a count, or per model)")
@@ -1067,7 +1193,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="fp32, or autocast fp16 (GradScaler) / bf16")
     p.add_argument("--no-lightning", action="store_true", help="time the hand-written loop only")
     p.add_argument("--peak-model", default="base", help="model of the peak-memory subprocesses ('none' to skip)")
-    p.add_argument("--peak-methods", default=",".join(PEAK_METHODS))
+    p.add_argument("--peak-methods", default=None,
+                   help="variants of the peak-memory subprocesses (default: plain and ref_/ours_ of every method)")
     p.add_argument("--peak-steps", type=int, default=3)
     p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds of 1 step, 1 thread, no peak-memory runs")
@@ -1075,6 +1202,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.method_list = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown or not args.method_list:
+        p.error(f"--methods: unknown {unknown}; choose among {', '.join(METHODS)}")
+    if args.peak_methods is None:
+        args.peak_methods = ",".join(peak_methods(args.method_list))
     if args.quick:
         args.models, args.rounds, args.steps, args.warmup, args.block_warmup = "tiny", "2", "1", 1, 0
         args.threads = args.threads or 1  # a tiny model only waits on its OpenMP threads

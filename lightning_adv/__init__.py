@@ -1,18 +1,19 @@
-"""lightning_adv: adversarial training (FGM, PGD, FreeLB, AWP) for any LightningModule, as a one-line callback.
+"""lightning_adv: adversarial training (FGM, PGD, FreeLB, AWP, SMART, R3F) for any LightningModule, as a one-line callback.
 
 >>> from lightning_adv import FGMCallback, AWPCallback
 >>> callbacks = [FGMCallback(epsilon=1.0), AWPCallback(adv_lr=1.0, adv_eps=0.2)]
 """
 
 from lightning_adv.callbacks import (
-    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, RobustAccuracy,
-    in_adversarial_pass,
+    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback,
+    RobustAccuracy, SMARTCallback, in_adversarial_pass,
 )
-from lightning_adv.core import AWP, FGM, PGD, FreeLB, GradientStash, Method, adversarial_backward
+from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, GradientStash, Method, adversarial_backward
 
 __version__ = "0.2.0"
 
 __all__ = [
     "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
-    "GradientStash", "Method", "PGD", "PGDCallback", "RobustAccuracy", "adversarial_backward", "in_adversarial_pass",
+    "GradientStash", "Method", "PGD", "PGDCallback", "R3F", "R3FCallback", "RobustAccuracy", "SMART", "SMARTCallback",
+    "adversarial_backward", "in_adversarial_pass",
 ]

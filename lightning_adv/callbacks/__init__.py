@@ -7,9 +7,11 @@ from lightning_adv.callbacks.freelb import FreeLBCallback
 from lightning_adv.callbacks.isolation import in_adversarial_pass
 from lightning_adv.callbacks.mixin import AdversarialMixin
 from lightning_adv.callbacks.pgd import PGDCallback
+from lightning_adv.callbacks.r3f import R3FCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
+from lightning_adv.callbacks.smart import SMARTCallback
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "RobustAccuracy", "in_adversarial_pass",
+    "R3FCallback", "RobustAccuracy", "SMARTCallback", "in_adversarial_pass",
 ]

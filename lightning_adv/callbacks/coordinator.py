@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Any, Callable, List, Optional
@@ -48,6 +49,8 @@ class Coordinator:
         self.manual_calls = 0
         self._batch: Any = None
         self._phase = ""
+        self._captured: Any = None
+        self._capturing: Any = None  # the module whose training_step output is captured
         self._warned: set = set()
 
     def start_fit(self, pl_module: Any) -> None:
@@ -94,12 +97,33 @@ class Coordinator:
             sync=sync, sync_last=compat.will_step_optimizer(trainer), grad_scale=1.0 / sync.world_size,
         )
         self._phase = "forward"
+        if any(getattr(cb.method, "needs_logits", False) for cb in self.plan):
+            self._capture(pl_module)
         self.step.before_forward()
+
+    def _capture(self, pl_module: Any) -> None:
+        """Keep the output of the next ``training_step`` call (the clean one): SMART and R3F need its logits."""
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if self._phase == "forward" and self._captured is None:
+                self._captured = output
+            return output
+
+        object.__setattr__(pl_module, "training_step", training_step)
+        self._capturing = pl_module
 
     def before_backward(self, pl_module: Any) -> None:
         if self.step is not None and self._phase == "forward" and pl_module.automatic_optimization:
             self._phase = "backward"
-            self.step.before_backward()
+            output, self._captured = self._captured, None
+            with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
+                self.step.before_backward(output)
+
+    def _guarded(self, pl_module: Any) -> Any:
+        return (self.guard if self.guard is not None else StateGuard(pl_module)).preserved()
 
     def after_backward(self, pl_module: Any) -> None:
         if self.step is None or self._phase != "backward" or not pl_module.automatic_optimization:
@@ -108,7 +132,10 @@ class Coordinator:
         self._run(pl_module, self.step)
 
     def close(self) -> None:
-        step, self.step, self._batch, self._phase = self.step, None, None, ""
+        step, self.step, self._batch, self._phase, self._captured = self.step, None, None, "", None
+        module, self._capturing = self._capturing, None
+        if module is not None and "training_step" in vars(module):
+            object.__delattr__(module, "training_step")
         if step is not None:
             step.close()
 
@@ -122,7 +149,7 @@ class Coordinator:
             pl_module.manual_backward(loss)
             return loss
         ddp = compat.ddp_module(trainer)
-        sync = BackwardSync(ddp)
+        sync = BackwardSync(ddp, prepares=False)  # manual_backward prepares the reducer itself
 
         def forward() -> Any:
             return loss_fn()
@@ -135,8 +162,9 @@ class Coordinator:
         try:
             step.before_forward()
             output = loss_fn()
-            step.before_backward(output)
             loss = _required(output)
+            with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
+                step.before_backward(output)
             pl_module.manual_backward(loss)
             self.plan = plan
             self._run(pl_module, step)
@@ -146,10 +174,9 @@ class Coordinator:
 
     # -- both ---------------------------------------------------------------------------------------------------
     def _run(self, pl_module: Any, step: AttackStep) -> None:
-        guard = self.guard if self.guard is not None else StateGuard(pl_module)
         watch = SideEffects(pl_module)
         # buffers are restored after the backward passes: autograd may have saved them (BatchNorm, BERT ids)
-        with silenced_logging(pl_module), adversarial_pass(pl_module), guard.preserved():
+        with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
             outcomes = step.after_backward()
         for cb, outcome in zip(self.plan, outcomes):
             cb.record(outcome, pl_module)

@@ -1,63 +1,64 @@
-"""RobustAccuracy: accuracy under an FGM attack on the embeddings, measured at validation and test time."""
+"""RobustAccuracy: accuracy under a per-example attack on the embedding outputs, at validation and test time."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_adv.core.checks import check_non_negative
-from lightning_adv.core.fgm import FGM
+from lightning_adv.core.checks import check_int
+from lightning_adv.core.robust import EmbeddingAttack, check_attack_args
 
 PROTOCOL = "robust_forward"
 
-_STAGES = {"validate": "val", "test": "test"}
-
-
-def _check_positive_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}({name}={value!r}): {name} must be an integer >= {minimum}.")
+_PREFIX = {"validate": "val", "test": "test"}
 
 
 class RobustAccuracy(Callback):
-    """Accuracy of the model on adversarially perturbed word embeddings, at validation and test time.
+    """Accuracy of the model when each example is attacked alone, around the output of its input-embedding module.
 
-    For every validation/test batch, the callback computes the gradient of the cross-entropy loss with
-    respect to the embedding weights only (``torch.autograd.grad``: the ``.grad`` of the parameters, which
-    training uses, is left as it was), perturbs those weights with the core :class:`~lightning_adv.FGM`
-    (``epsilon * g / ||g||``, the same perturbation ``FGMCallback`` trains with), evaluates the logits at
-    the perturbed weights, restores the weights exactly, and updates a torchmetrics ``MulticlassAccuracy``.
-    It logs ``val_robust_acc`` and ``test_robust_acc`` at epoch level (``{prefix}_robust_acc``).
+    For every validation/test batch the callback runs :class:`~lightning_adv.core.robust.EmbeddingAttack`: each
+    example gets its own perturbation ``delta`` of the embedding output, 0 on padding, in the ball of radius
+    ``epsilon`` around it (L2 norm over the example's tokens, or L-inf). ``steps=1`` is the fast-gradient attack
+    (``epsilon * g_i / ||g_i||`` or ``epsilon * sign(g_i)``), ``steps>1`` PGD. The loss attacked is the sum of
+    the per-example cross-entropies, so an example's result does not depend on the batch size or the order of
+    the evaluation data. Only the perturbation gets a gradient (``torch.autograd.grad``): the parameters' ``.grad``
+    and the weights are untouched, and frozen, tied and PEFT embeddings work. The attack's arithmetic runs in
+    float32, inside the precision plugin's forward context for the forwards, without host synchronisation.
 
-    The perturbation is computed per batch: ``epsilon`` is the L2 norm of the change of the whole embedding
-    matrix, shared by the sentences of the batch, so compare robust accuracies at the same ``epsilon`` and
-    the same evaluation batch size. The model is evaluated in eval mode (no dropout), as Lightning sets it.
+    Logged at epoch level, per epsilon (``@`` and the epsilon: ``@0.5``, ``@1``), with Lightning's
+    ``/dataloader_idx_N`` suffix when there are several dataloaders, and synchronised across processes
+    (torchmetrics ``MeanMetric``):
+
+    - ``val_robust_acc@<eps>`` / ``test_robust_acc@<eps>``: the accuracy under attack;
+    - ``val_robust_loss_gain@<eps>`` / ``test_robust_loss_gain@<eps>``: mean adversarial minus mean clean
+      cross-entropy;
+    - with ``epsilon`` a number (not a list), also ``val_robust_acc`` / ``test_robust_acc``.
+
+    The model is evaluated in the mode Lightning sets (eval). Nothing runs during the sanity check.
 
     **Protocol.** The LightningModule must define ``robust_forward(batch) -> (logits, labels)``: the logits
-    (``[batch, num_classes]``) of a batch as the evaluation dataloader yields it, and the integer labels.
-    The loss that is attacked is ``cross_entropy(logits, labels)``.
-
-    Lightning runs validation and test under ``torch.inference_mode()``; the callback leaves it for its own
-    computation (``torch.inference_mode(False)``, ``torch.enable_grad()``, and a clone of the batch's
-    tensors), so it works with the default ``Trainer(inference_mode=True)``. It runs inside the precision
-    plugin's forward context (autocast for mixed precision). A batch whose gradient norm is not finite is
-    evaluated unperturbed and counted in :attr:`skipped`. Nothing runs during the sanity check.
+    ``[batch, num_classes]`` of a batch as the evaluation dataloader yields it, and the integer labels. It must
+    embed the input ids with the perturbed module (found as ``embedding`` says).
 
     Args:
-        epsilon: L2 norm of the perturbation of each matched embedding matrix (>= 0); 0 gives the clean accuracy.
-        emb_name: substring of the names of the embedding parameters to perturb
-            (``"word_embeddings"`` for BERT-family models from ``transformers``).
+        epsilon: L2 norm of the perturbation of each example's embedding output (its largest element for
+            ``linf``), >= 0; or a list of them, each measured separately. 0 gives the clean accuracy.
+        norm_type: ``"l2"`` or ``"linf"``.
+        steps: 1: the fast-gradient attack; more: PGD with that many steps.
+        step_size: the PGD step; None: ``2.5 * epsilon / steps``.
+        random_start: start PGD at a random point of the ball (seeded with ``seed`` at every evaluation epoch).
         num_classes: number of classes of the logits (>= 2).
-        validate: measure during validation (``val_robust_acc``), including the validation of ``fit``.
-        test: measure during test (``test_robust_acc``).
-        prog_bar: show the robust accuracy in the progress bar.
+        embedding: dotted path of the input-embedding module in the LightningModule; None:
+            ``get_input_embeddings()`` of the first submodule that has it (``transformers`` models), else the
+            only ``nn.Embedding`` of the module.
+        seed: the seed of the random start.
+        validate: measure during validation (``val_*``), including the validation of ``fit``.
+        test: measure during test (``test_*``).
+        prog_bar: show the robust accuracies in the progress bar.
 
     Example::
 
@@ -74,149 +75,136 @@ class RobustAccuracy(Callback):
         ...     def test_step(self, batch, batch_idx):
         ...         pass
         >>> data = DataLoader(TensorDataset(torch.randint(0, 10, (8, 3)), torch.randint(0, 2, (8,))), batch_size=4)
-        >>> robust = RobustAccuracy(epsilon=0.5)
+        >>> robust = RobustAccuracy(epsilon=[0.5, 2.0])
         >>> trainer = L.Trainer(callbacks=[robust], logger=False, enable_progress_bar=False, enable_model_summary=False)
         >>> metrics = trainer.test(Tiny(), data, verbose=False)[0]
-        >>> sorted(metrics), robust.batches
-        (['test_robust_acc'], 2)
+        >>> sorted(metrics)
+        ['test_robust_acc@0.5', 'test_robust_acc@2', 'test_robust_loss_gain@0.5', 'test_robust_loss_gain@2']
+        >>> robust.batches
+        2
     """
 
     def __init__(
         self,
-        epsilon: float = 1.0,
-        emb_name: str = "word_embeddings",
+        epsilon: Union[float, List[float]] = 1.0,
+        norm_type: Literal["l2", "linf"] = "l2",
+        steps: int = 1,
+        step_size: Optional[float] = None,
+        random_start: bool = False,
         num_classes: int = 2,
+        embedding: Optional[str] = None,
+        seed: int = 0,
         validate: bool = True,
         test: bool = True,
         prog_bar: bool = True,
     ) -> None:
         owner = type(self).__name__
-        check_non_negative(owner, epsilon=epsilon)
-        _check_positive_int(owner, "num_classes", num_classes, 2)
-        if not isinstance(emb_name, str) or not emb_name:
-            raise ValueError(f"{owner}(emb_name={emb_name!r}): emb_name must be a non-empty string.")
-        self.epsilon = float(epsilon)
-        self.emb_name = emb_name
-        self.num_classes = num_classes
+        self.epsilons = check_attack_args(owner, epsilon, norm_type, steps, step_size, random_start, seed)
+        check_int(owner, "num_classes", num_classes, 2, "the number of classes of the logits")
+        if embedding is not None and not isinstance(embedding, str):
+            raise ValueError(f"{owner}(embedding={embedding!r}): embedding must be None or the dotted path of a submodule.")
+        self.epsilon = list(self.epsilons) if isinstance(epsilon, (list, tuple)) else float(epsilon)
+        self.norm_type, self.steps, self.step_size, self.random_start = norm_type, steps, step_size, random_start
+        self.num_classes, self.embedding, self.seed = num_classes, embedding, seed
         self.stages = [stage for stage, on in (("validate", validate), ("test", test)) if on]
         self.prog_bar = prog_bar
-        self._fgm: Optional[FGM] = None
-        self._metrics: Dict[str, nn.Module] = {}
+        self.attack: Optional[EmbeddingAttack] = None
+        """The attack, built at the first measured batch (after ``configure_model``)."""
+        self._metrics: Dict[Tuple[str, int, str], Any] = {}
         self.batches = 0
         """Batches evaluated under attack so far (all stages)."""
-        self.skipped = 0
-        """Batches evaluated unperturbed because the gradient norm was not finite."""
+
+    def describe(self) -> str:
+        """The attack in words, e.g. ``"FGM l2 epsilon=1"`` or ``"PGD-3 linf epsilon=0.5,1"``."""
+        kind = "FGM" if self.steps == 1 else f"PGD-{self.steps}"
+        return f"{kind} {self.norm_type} epsilon={','.join(f'{e:g}' for e in self.epsilons)}"
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        owner = type(self).__name__
         if not callable(getattr(pl_module, PROTOCOL, None)):
             raise TypeError(
-                f"{owner} needs {type(pl_module).__name__}.{PROTOCOL}(batch) -> (logits, labels): define it in the "
-                "LightningModule (the logits of an evaluation batch and its integer labels), e.g. "
+                f"{type(self).__name__} needs {type(pl_module).__name__}.{PROTOCOL}(batch) -> (logits, labels): define it in "
+                "the LightningModule (the logits of an evaluation batch and its integer labels), e.g. "
                 "`def robust_forward(self, batch): return self(batch), batch['labels']`."
             )
-        try:
-            self._fgm = FGM(pl_module, epsilon=self.epsilon, emb_name=self.emb_name)
-        except ValueError as err:
-            raise ValueError(str(err).replace("FGM(", f"{owner}(", 1)) from None
-        from torchmetrics.classification import MulticlassAccuracy
+        if self.attack is not None and self.attack.model is not pl_module:
+            self.attack = None
 
-        device = trainer.strategy.root_device
-        for name in self.stages:
-            if name not in self._metrics:
-                self._metrics[name] = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-            self._metrics[name] = self._metrics[name].to(device)
+    def _attack_for(self, pl_module: LightningModule) -> EmbeddingAttack:
+        if self.attack is None or self.attack.model is not pl_module:
+            self.attack = EmbeddingAttack(
+                pl_module, self.epsilon, self.norm_type, self.steps, self.step_size, self.random_start, self.embedding,
+                self.seed, owner=type(self).__name__,
+            )
+        return self.attack
 
     # -- the measurement ------------------------------------------------------------------------------------
-    @contextmanager
-    def _grads_set(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> Iterator[None]:
-        """Put ``grads`` in ``.grad`` for the perturbation, then put back the ``.grad`` objects training holds."""
-        saved = [p.grad for p in params]
-        try:
-            for p, g in zip(params, grads):
-                p.grad = g
-            yield
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
+    def _on_batch(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any, dataloader_idx: int) -> None:
+        if stage not in self.stages or trainer.sanity_checking:
+            return
+        attack = self._attack_for(pl_module)
+        forward_context = trainer.precision_plugin.forward_context
+        protocol = getattr(pl_module, PROTOCOL)
 
-    def robust_logits(self, trainer: Optional[Trainer], pl_module: LightningModule, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The logits of ``batch`` at the FGM-perturbed embeddings, and its labels; the weights are restored."""
-        fgm = self._fgm
-        if fgm is None:
-            raise RuntimeError(f"{type(self).__name__}: setup has not run (attach the callback to a Trainer).")
-        forward_context = trainer.precision_plugin.forward_context if trainer is not None else _null
-        params = [p for p in fgm.parameters if p.requires_grad]
-        with torch.inference_mode(False), torch.enable_grad():
-            batch = apply_to_collection(batch, torch.Tensor, lambda t: t.clone())  # inference tensors cannot enter autograd
+        def forward() -> Any:
             with forward_context():
-                logits, labels = self._forward(pl_module, batch)
-            loss = F.cross_entropy(logits.float(), labels)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            with torch.no_grad(), self._grads_set(params, grads), fgm.perturbed() as finite:
-                with forward_context():
-                    adv_logits, _ = self._forward(pl_module, batch)
+                out = protocol(batch)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise TypeError(f"{type(pl_module).__name__}.{PROTOCOL}(batch) must return (logits, labels), got {type(out).__name__}.")
+            if out[0].shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"{type(self).__name__}(num_classes={self.num_classes}): {PROTOCOL} returned logits of shape "
+                    f"{tuple(out[0].shape)}; set num_classes to their last dimension."
+                )
+            return out
+
+        with torch.inference_mode(False):
+            batch = apply_to_collection(batch, torch.Tensor, lambda t: t.clone())  # inference tensors cannot enter autograd
+            result = attack.run(forward)
         self.batches += 1
-        self.skipped += int(not bool(finite))
-        return adv_logits.detach(), labels.detach()
-
-    def _forward(self, pl_module: LightningModule, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = getattr(pl_module, PROTOCOL)(batch)
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError(
-                f"{type(pl_module).__name__}.{PROTOCOL}(batch) must return (logits, labels), got {type(out).__name__}."
+        name = _PREFIX[stage]
+        for key, values in result.per_example().items():
+            if not key.startswith("robust_"):
+                continue  # the clean metrics are the module's
+            metric = self._metric(stage, dataloader_idx, key, values.device)
+            metric.update(values)
+            pl_module.log(
+                f"{name}_{key}", metric, on_step=False, on_epoch=True, prog_bar=self.prog_bar and key.startswith("robust_acc"),
+                metric_attribute=f"_robust_{name}_{dataloader_idx}_{key}",
             )
-        return out[0], out[1]
 
-    def _on_batch(self, stage: str, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        if stage not in self._metrics or trainer.sanity_checking:
-            return
-        logits, labels = self.robust_logits(trainer, pl_module, batch)
-        metric = self._metrics[stage]
-        if metric.device != logits.device:
-            self._metrics[stage] = metric = metric.to(logits.device)
-        metric.update(logits.argmax(dim=-1), labels)
-
-    def _on_epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        metric = self._metrics.get(stage)
+    def _metric(self, stage: str, dataloader_idx: int, key: str, device: torch.device) -> Any:
+        metric = self._metrics.get((stage, dataloader_idx, key))
         if metric is None:
-            return
-        if trainer.sanity_checking or not metric.update_called:
-            metric.reset()
-            return
-        value = metric.compute()  # torchmetrics syncs the states across processes
-        metric.reset()
-        pl_module.log(f"{_STAGES[stage]}_robust_acc", value, on_step=False, on_epoch=True, prog_bar=self.prog_bar)
+            from torchmetrics import MeanMetric
+
+            metric = self._metrics[(stage, dataloader_idx, key)] = MeanMetric(nan_strategy="disable")
+        if metric.device != device:
+            metric = self._metrics[(stage, dataloader_idx, key)] = metric.to(device)
+        return metric
+
+    def _reset(self, stage: str) -> None:
+        for (s, _, _), metric in self._metrics.items():
+            if s == stage:
+                metric.reset()
+        if self.attack is not None:
+            self.attack.reset()
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._on_batch("validate", trainer, pl_module, batch)
+        self._on_batch("validate", trainer, pl_module, batch, dataloader_idx)
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._on_batch("test", trainer, pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._on_epoch_end("validate", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._on_epoch_end("test", trainer, pl_module)
+        self._on_batch("test", trainer, pl_module, batch, dataloader_idx)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "validate" in self._metrics:
-            self._metrics["validate"].reset()
+        self._reset("validate")
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "test" in self._metrics:
-            self._metrics["test"].reset()
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
+        self._reset("test")
 
 
 __all__: List[str] = ["RobustAccuracy"]

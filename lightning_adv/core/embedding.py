@@ -32,12 +32,28 @@ def find_embedding(model: nn.Module, path: Optional[str], owner: str) -> Tuple[n
                 found = getter()
             except (NotImplementedError, AttributeError):
                 continue
+            found = _encoder_embedding(module, found)
             if isinstance(found, nn.Module) and id(found) in names:
                 return found, names[id(found)]
     raise ValueError(
         f"{owner}(embedding=None): no submodule of {type(model).__name__} has get_input_embeddings() (a transformers "
         f"model). Pass embedding='<dotted path of the input-embedding module>'. {_candidates(model)}"
     )
+
+
+def _encoder_embedding(model: nn.Module, found: object) -> object:
+    """The encoder's own input embedding when it is a different module tied to ``found`` (transformers 5 gives
+    T5 and BART ``shared`` plus ``encoder.embed_tokens`` / ``decoder.embed_tokens`` sharing one weight, and the
+    forward never calls ``shared``); else ``found``."""
+    weight = getattr(found, "weight", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if weight is None or not callable(get_encoder):
+        return found
+    try:
+        inner = get_encoder().get_input_embeddings()
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return found
+    return inner if isinstance(inner, nn.Module) and getattr(inner, "weight", None) is weight else found
 
 
 def _candidates(model: nn.Module) -> str:
@@ -89,6 +105,7 @@ class EmbeddingOutput:
         self.mask: Optional[torch.Tensor] = None
         self.calls = 0
         self._make: Optional[MakeDelta] = None
+        self._detach = False
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
 
     def attach(self) -> None:
@@ -101,9 +118,11 @@ class EmbeddingOutput:
             self._handle.remove()
             self._handle = None
 
-    def arm(self, make: MakeDelta) -> None:
-        """Perturb the next call of the module with ``make(output, mask)``."""
+    def arm(self, make: MakeDelta, detach: bool = False) -> None:
+        """Perturb the next call of the module with ``make(output, mask)``; with ``detach``, the perturbed output
+        is cut from the embedding's graph (``output.detach() + delta``: no gradient to the embedding through it)."""
         self._make = make
+        self._detach = detach
         self.delta = self.mask = None
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
@@ -124,7 +143,7 @@ class EmbeddingOutput:
         delta = make(output, mask)
         self.delta, self.mask = delta, mask
         self.calls += 1
-        return output + delta.to(output.dtype)
+        return (output.detach() if self._detach else output) + delta.to(output.dtype)
 
 
 def lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,16 @@ class Method:
         name: the short name used in log keys (``adv/<name>_loss``).
         replaces_gradient: whether the method replaces the clean gradient (AWP) instead of adding to it.
         clean_weight: factor applied to the micro-batch's clean gradient (FreeLB: ``1 / (1 + adv_steps)``).
+        runs_after_backward: whether :meth:`run` runs passes after the clean backward (False for the methods that
+            extend the clean loss in :meth:`before_backward`: SMART, R3F).
+        needs_logits: whether the step must return its logits (``{"loss": loss, "logits": logits}``).
     """
 
     name: str = "adv"
     replaces_gradient: bool = False
     clean_weight: float = 1.0
+    runs_after_backward: bool = True
+    needs_logits: bool = False
 
     def __init__(self) -> None:
         self.last_loss: Optional[torch.Tensor] = None

@@ -58,8 +58,9 @@ class BackwardSync:
     """When DDP all-reduces: never for the clean or inner adversarial backward passes, once for the last one
     of the optimizer step. A no-op without a ``DistributedDataParallel`` module."""
 
-    def __init__(self, ddp: Optional[nn.Module] = None) -> None:
+    def __init__(self, ddp: Optional[nn.Module] = None, prepares: bool = True) -> None:
         self.ddp = ddp
+        self.prepares = prepares
         self._original: Optional[bool] = None
 
     @property
@@ -75,6 +76,20 @@ class BackwardSync:
     def arm(self, sync: bool) -> None:
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = sync
+
+    def prepare(self, output: Any) -> None:
+        """Arm the reducer for a backward whose forward ran while the sync was held (as DDP's own forward does
+        when syncing); a no-op without DDP, when not syncing, or when the driver's backward prepares it itself
+        (Lightning's ``manual_backward``)."""
+        ddp = self.ddp
+        if ddp is None or not self.prepares or not torch.is_grad_enabled() or not ddp.require_backward_grad_sync:
+            return
+        from torch.nn.parallel.distributed import _find_tensors
+
+        ddp.require_forward_param_sync = True
+        args = list(_find_tensors(output)) if ddp.find_unused_parameters and not ddp.static_graph else []
+        ddp.reducer._rebuild_buckets()
+        ddp.reducer.prepare_for_backward(args)
 
     def release(self) -> None:
         if self.ddp is not None and self._original is not None:
@@ -131,6 +146,9 @@ class AttackStep:
         self._parts: List[Grads] = []
         self._current = 0
         self._merged = False
+        after = [i for i, m in enumerate(self.methods) if getattr(m, "runs_after_backward", True)]
+        self._last = after[-1] if after else -1
+        self._skipped_before: Dict[int, Outcome] = {}
         self.outcomes: List[Outcome] = []
 
     # -- phases, called by the driver ----------------------------------------------------------------------------
@@ -142,24 +160,40 @@ class AttackStep:
 
     def before_backward(self, output: Any = None) -> None:
         """Between the clean forward and its backward: earlier gradients aside; methods that extend the clean
-        loss (SMART, R3F) run their passes."""
-        self.earlier.stash()
+        loss (SMART, R3F) run their passes. Without methods after the backward, the clean backward is the step's
+        last one: the DDP all-reduce is armed for it."""
+        if self._last >= 0:
+            self.earlier.stash()
         clean = pass_output(output) if output is not None else None
-        for method in self.methods:
-            method.before_backward(self, clean)
+        for i, method in enumerate(self.methods):
+            self._current = i
+            try:
+                method.before_backward(self, clean)
+            except SkipAttack:
+                self._skipped_before[i] = Outcome(None, torch.ones((), dtype=torch.bool))
+        if self._last < 0:
+            self._merged = True
+            self.sync.arm(self.sync_last)
+            self.sync.prepare(output)
 
     def after_backward(self) -> List[Outcome]:
         """After the clean backward: every method from the clean gradient, then one merge."""
-        self._clean = self._base = self._take()
+        if self._last >= 0:
+            self._clean = self._base = self._take()
         self._base_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
         for i, method in enumerate(self.methods):
             self._current = i
+            if i in self._skipped_before:
+                self.outcomes.append(self._skipped_before[i])
+                continue
             try:
                 outcome = method.run(self)
             except SkipAttack:
                 self.zero_grad()
                 outcome = Outcome(None, torch.ones((), dtype=torch.bool))
             self.outcomes.append(outcome)
+            if not getattr(method, "runs_after_backward", True):
+                continue
             if not self._merged:
                 grads = self._take()
                 if getattr(method, "replaces_gradient", False) and outcome.loss is not None:
@@ -187,8 +221,8 @@ class AttackStep:
         ``writable``, tensors the caller may overwrite (copies unless nothing needs them afterwards)."""
         assert self._clean is not None, "clean_grads() is only available while the methods run"
         grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
-        last = self._current == len(self.methods) - 1
-        if writable and not (last and getattr(self.methods[-1], "replaces_gradient", False) and self._base is self._clean):
+        last = self._current == self._last
+        if writable and not (last and getattr(self.methods[self._last], "replaces_gradient", False) and self._base is self._clean):
             grads = [None if g is None else g.clone() for g in grads]
         return grads
 
@@ -200,7 +234,7 @@ class AttackStep:
     def forward(self, final: bool = False) -> PassOutput:
         """Run the step at the current perturbation. ``final``: the method's last pass; for the last method,
         the DDP all-reduce is armed before it and the gradients are merged into ``.grad`` before its backward."""
-        last = final and self._current == len(self.methods) - 1
+        last = final and self._current == self._last
         if last:
             self.sync.arm(self.sync_last)
         out = pass_output(self._forward())
@@ -211,7 +245,15 @@ class AttackStep:
         return out
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate a loss of this micro-batch as its clean loss is (accumulation, scaling, precision)."""
         self._backward(loss)
+
+    def extra_forward(self) -> PassOutput:
+        """A forward between the clean forward and its backward (SMART, R3F): no merge, no all-reduce."""
+        out = pass_output(self._forward())
+        if out is None:
+            raise SkipAttack
+        return out
 
     # -- gradient bookkeeping ----------------------------------------------------------------------------------------
     def _take(self) -> Grads:

@@ -1,0 +1,140 @@
+"""The smoothness regularisers (SMART, R3F): a divergence between the clean logits and the logits at a
+perturbed embedding output, added to the clean loss.
+
+Adding it costs no extra backward through the clean forward: the divergence is differentiated on detached
+copies of the two logits (a few numbers per example); its gradient with respect to the perturbed logits is
+backpropagated through the perturbed forward at once, and the one with respect to the clean logits joins the
+clean backward through a hook on the clean logits, scaled as the clean loss is (accumulation, GradScaler).
+The result equals the backward of ``loss + weight * divergence``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_adv.core.embedding import EmbeddingOutput
+from lightning_adv.core.method import Method
+from lightning_adv.core.step import AttackStep, Outcome, PassOutput
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the logits' own dtype when wider (float64): the divergences never run in half precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def symmetric_kl(noised: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """R3F's ``KL(p_clean || p_noised) + KL(p_noised || p_clean)``, summed over classes, mean over the batch,
+    in float32 (or wider), with gradients through both logits (fairseq ``sentence_prediction_r3f``)."""
+    t = wide(noised.dtype)
+    return (
+        F.kl_div(F.log_softmax(noised, dim=-1, dtype=t), F.softmax(clean, dim=-1, dtype=t), None, None, "sum")
+        + F.kl_div(F.log_softmax(clean, dim=-1, dtype=t), F.softmax(noised, dim=-1, dtype=t), None, None, "sum")
+    ) / noised.size(0)
+
+
+def stable_kl(logit: torch.Tensor, target: torch.Tensor, epsilon: float = 1e-6, reduce: bool = True) -> torch.Tensor:
+    """SMART's numerically stable KL used for the ascent (mt-dnn ``loss.stable_kl``), in float32 (or wider)."""
+    logit = logit.reshape(-1, logit.size(-1)).to(wide(logit.dtype))
+    target = target.reshape(-1, target.size(-1)).to(wide(target.dtype))
+    p = F.log_softmax(logit, 1).exp()
+    y = F.log_softmax(target, 1).exp()
+    rp = -(1.0 / (p + epsilon) - 1 + epsilon).detach().log()
+    ry = -(1.0 / (y + epsilon) - 1 + epsilon).detach().log()
+    total = (p * (rp - ry) * 2).sum()
+    return total / logit.size(0) if reduce else total
+
+
+def sym_kl_criterion(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
+    """SMART's final regulariser (mt-dnn ``SymKlCriterion(clean, adversarial)``): each KL term differentiates
+    only the logits on its log side, batch mean, float32 (or wider)."""
+    t = wide(clean.dtype)
+    return F.kl_div(
+        F.log_softmax(clean, dim=-1, dtype=t), F.softmax(adversarial.detach(), dim=-1, dtype=t), reduction="batchmean"
+    ) + F.kl_div(F.log_softmax(adversarial, dim=-1, dtype=t), F.softmax(clean.detach(), dim=-1, dtype=t), reduction="batchmean")
+
+
+def is_regression(logits: torch.Tensor) -> bool:
+    """One output per example: a regression head, for which the squared error replaces the KL."""
+    return logits.dim() == 1 or logits.shape[-1] == 1
+
+
+class SmoothnessMethod(Method):
+    """Base of SMART and R3F: perturb the embedding output, run the forward, add ``weight * divergence(clean,
+    perturbed logits)`` to the clean loss. A subclass implements :meth:`perturbed_logits` and :meth:`divergence`."""
+
+    runs_after_backward = False
+    needs_logits = True
+    weight: float = 1.0
+
+    def __init__(self, model: nn.Module, embedding: Optional[str], generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.target = EmbeddingOutput(model, embedding, type(self).__name__)
+        self.generator = generator
+        self._outcome: Optional[Outcome] = None
+        self._hooks: List[torch.utils.hooks.RemovableHandle] = []
+        self._joined = False
+
+    def describe(self) -> str:
+        return f"the output of {self.target.path or type(self.target.module).__name__}"
+
+    def perturbed_logits(self, step: AttackStep, clean: PassOutput) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The logits at the perturbed embedding output (with their graph) and a 0-d bool: the attack is valid."""
+        raise NotImplementedError
+
+    def divergence(self, clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """The regulariser between the two logits (float32 copies that require grad)."""
+        raise NotImplementedError
+
+    def prepare(self, step: AttackStep) -> None:
+        self.target.attach()
+        self._outcome, self._joined = None, False
+
+    def before_backward(self, step: AttackStep, clean: Optional[PassOutput]) -> None:
+        if clean is None or clean.logits is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the clean logits: return {{'loss': loss, 'logits': logits}} from "
+                "training_step (or from the mixin's loss_fn)."
+            )
+        perturbed, valid = self.perturbed_logits(step, clean)
+        z_clean = clean.logits.detach().to(wide(clean.logits.dtype)).requires_grad_()
+        z_perturbed = perturbed.detach().to(z_clean.dtype).reshape(z_clean.shape).requires_grad_()
+        with torch.enable_grad():
+            value = self.divergence(z_clean, z_perturbed)
+            g_clean, g_perturbed = torch.autograd.grad(self.weight * value, [z_clean, z_perturbed], allow_unused=True)
+        keep = valid.to(z_clean.dtype)  # an invalid attack (non-finite gradient) adds nothing, without a sync
+        g_clean = torch.zeros_like(z_clean) if g_clean is None else torch.nan_to_num(g_clean) * keep
+        g_perturbed = torch.zeros_like(z_clean) if g_perturbed is None else torch.nan_to_num(g_perturbed) * keep
+        scale: List[torch.Tensor] = []
+
+        def capture(grad: torch.Tensor) -> None:  # d(root)/d(loss): 1/accumulation and the GradScaler's scale
+            scale.append(grad)
+
+        def join(grad: torch.Tensor) -> torch.Tensor:
+            self._joined = True
+            factor = scale[-1] if scale else 1.0
+            return grad + (g_clean * factor).to(grad.dtype).reshape(grad.shape)
+
+        self._hooks = [clean.loss.register_hook(capture), clean.logits.register_hook(join)]
+        step.backward((perturbed.to(z_clean.dtype).reshape(z_clean.shape) * g_perturbed).sum())
+        self._outcome = Outcome(value.detach(), ~valid)
+
+    def run(self, step: AttackStep) -> Outcome:
+        if not self._joined:
+            raise RuntimeError(
+                f"{type(self).__name__}: the logits returned beside the loss are not on the loss's graph (the clean "
+                "backward never reached them); return the logits the loss is computed from."
+            )
+        assert self._outcome is not None
+        return self._outcome
+
+    def finish(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.target.detach()
+        self.target.delta = self.target.mask = None
