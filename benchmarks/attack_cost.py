@@ -298,6 +298,8 @@ class Loop:
             return self.model(**inputs).loss
 
     def adv_backward(self, loss: torch.Tensor) -> None:
+        if self.probe is not None:  # the state during the pass (FreeLB's delta exists once the forward ran)
+            self.probe()
         with self.sync.paused():
             self.backward(loss)
 
@@ -397,7 +399,7 @@ class Loop:
 
 def saved_state(loop: Loop, methods: Sequence[str]) -> Dict[str, Any]:
     """The bytes held by each method's saved state during the attack (the largest value read inside the
-    adversarial closure, over its passes). ``perturbed``: the bytes of the perturbed parameters holding a
+    adversarial closure and backward, over its passes). ``perturbed``: the bytes of the perturbed parameters holding a
     gradient; ``grads``: the bytes of all the gradients (the reference PGD copies them)."""
     out: Dict[str, Any] = {}
     for method in [m for m in methods if m in PARAMETER_METHODS]:
@@ -953,7 +955,7 @@ def machine() -> Dict[str, Any]:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if 0 < n < 2**20 / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _x(d: Optional[Dict[str, float]], signed: bool = False) -> str:
@@ -1025,7 +1027,7 @@ def render(results: Dict[str, Any], command: str) -> str:
     lines += [
         "",
         "Saved state: the bytes held by the method's saved copies while the adversarial passes run, the largest "
-        "value read inside the adversarial loss closure (ours: `method.saved_bytes()`; baseline: the snippet's "
+        "value read inside the adversarial loss closure and backward (ours: `method.saved_bytes()`; baseline: the snippet's "
         "`backup` dict, and `bounds` for AWP, `emb_backup` and `grad_backup` (a copy of every gradient) for PGD); "
         "(×) in multiples of the bytes of the perturbed parameters (FGM, PGD: the word-embedding matrix; AWP: every "
         "parameter whose name contains `weight`). FreeLB perturbs the embedding output, not parameters: neither "

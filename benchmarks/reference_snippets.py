@@ -201,7 +201,7 @@ class RefFreeLB:
                 denorm = torch.clamp(denorm, min=1e-10)
                 delta = (delta + self.adv_lr * delta_grad / denorm).detach()
                 if self.adv_max_norm > 0:
-                    delta_norm = torch.norm(delta.view(delta.size(0), -1).float(), p=2, dim=1).detach()
+                    delta_norm = torch.norm(delta.view(delta.size(0), -1).float(), p=2, dim=1).to(embeds_init).detach()
                     exceed = (delta_norm > self.adv_max_norm).to(embeds_init)
                     factor = self.adv_max_norm / delta_norm * exceed + (1 - exceed)
                     delta = (delta * factor.view(-1, 1, 1)).detach()

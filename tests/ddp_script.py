@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
 from helpers import ManualText, TextModule, make_data, trainer  # noqa: E402
-from lightning_adv import AWPCallback, FGMCallback  # noqa: E402
+from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback  # noqa: E402
 
 ALLREDUCES = [0]
 
@@ -68,6 +68,12 @@ def callbacks_for(cfg: dict) -> list:
         return [FGMCallback(epsilon=0.7)]
     if cfg["method"] == "awp":
         return [AWPCallback(adv_lr=0.5, adv_eps=0.05, adv_step=cfg["adv_step"])]
+    if cfg["method"] == "pgd":  # epsilon < 2 * alpha: the projection is active from the second pass on
+        return [PGDCallback(epsilon=0.25, alpha=0.2, steps=cfg["adv_step"])]
+    if cfg["method"].startswith("freelb"):  # "freelb" (l2) or "freelb_linf"; adv_init_mag=0: deterministic
+        linf = cfg["method"].endswith("linf")
+        return [FreeLBCallback(adv_lr=0.3, adv_steps=cfg["adv_step"], adv_init_mag=0.0, adv_max_norm=0.05 if linf else 0.2,
+                               norm_type="linf" if linf else "l2", embedding="model.embeddings.word_embeddings")]
     return []
 
 

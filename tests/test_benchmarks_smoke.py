@@ -1,7 +1,9 @@
-"""Smoke test of ``benchmarks/attack_cost.py``: its ``--quick`` mode on a tiny BERT."""
+"""Smoke test of ``benchmarks/attack_cost.py``: its ``--quick`` mode on a tiny BERT; and the reference PGD and
+FreeLB snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -9,10 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "attack_cost.py")
+METHODS = ("fgm", "awp", "pgd", "freelb")
+LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)"}
+LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00"}
 
 
 @pytest.fixture(scope="module")
@@ -31,31 +37,103 @@ def quick_run(tmp_path_factory):
 
 def test_quick_benchmark_writes_the_table(quick_run):
     text, results = quick_run
-    rows = [line for line in text.splitlines() if line.startswith("| tiny (")]
-    assert len(rows) == 2
-    assert "| FGM |" in rows[0] and "| AWP (adv_step=1) |" in rows[1]
+    table = text[: text.index("Saved state:")]
+    rows = [line for line in table.splitlines() if line.startswith("| tiny (")]
+    assert len(rows) == len(METHODS)
+    for row, method in zip(rows, METHODS):  # one row per method, with its physical limit
+        assert f"| {LABELS[method]} | {LIMITS[method]} |" in row, row
     assert "X = (T_attack − T_plain) / T_fwd+bwd" in text
     assert "Machine:" in text and "torch" in text and "cores" in text
     assert "Not measured: this run is on the CPU" in text or "ours under" in text
     (res,) = results["models"]
     assert results["args"]["clock"] == "cpu"  # --quick: one thread, process CPU time
     for clock in ("cpu", "wall"):
-        for method in ("fgm", "awp"):
+        for method in METHODS:
             for key in ("ref", "ours", "ours_minus_ref", "lightning", "lightning_minus_loop"):
                 x = res["X"][clock][method][key]
                 assert math.isfinite(x["value"]) and x["lo"] <= x["hi"]
         assert all(ms > 0 for ms in res["median_ms"][clock].values())
+        assert {f"{side}_{m}" for m in METHODS for side in ("ref", "ours", "L")} <= set(res["median_ms"][clock])
+    assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in ("fgm", "awp", "pgd") for side in ("ref", "ours")}
     assert all(ms > 0 for ms in res["arithmetic_ms"].values())
-    for variant in ("L_fgm", "L_awp"):
-        bd = res["breakdown_ms"][variant]
-        assert bd["hooks"] >= bd["attack"] > 0 and bd["forward"] > 0 and bd["autograd"] > 0
+    for method in METHODS:
+        bd = res["breakdown_ms"][f"L_{method}"]
+        assert bd["hooks"] >= bd["engine"] >= bd["attack"] >= bd["pass"] > bd["forward"] > 0
+        assert bd["attack"] >= bd["backward"] >= bd["autograd"] > 0
+        assert bd["record"] > 0 and bd["batch_start"] > 0
 
 
 def test_quick_benchmark_saved_state(quick_run):
     _, results = quick_run
     saved = results["models"][0]["saved"]
-    # ours: at most one copy of the perturbed parameters; the reference AWP keeps three (backup and two bounds)
-    assert 0 < saved["fgm"]["ours"] <= saved["fgm"]["perturbed"]
-    assert 0 < saved["awp"]["ours"] <= saved["awp"]["perturbed"]
+    # ours: at most one copy of the perturbed parameters; the reference AWP keeps three (backup and two bounds),
+    # the reference PGD the embedding backup and a copy of every gradient
+    for method in ("fgm", "awp", "pgd"):
+        assert 0 < saved[method]["ours"] <= saved[method]["perturbed"]
     assert saved["fgm"]["ref"] == saved["fgm"]["perturbed"]
     assert saved["awp"]["ref"] == 3 * saved["awp"]["perturbed"]
+    assert saved["pgd"]["ref"] == saved["pgd"]["perturbed"] + saved["pgd"]["grads"]
+    assert saved["freelb"]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
+
+
+# -- the baselines compute what our methods compute --------------------------------------------------------------
+
+
+def _tiny_bert_and_batch():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(config).double().train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 200, (3, 10), generator=g)
+    mask = (torch.arange(10)[None, :] < torch.tensor([[10], [6], [8]])).long()
+    batch = dict(input_ids=ids * mask, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
+    return model, copy.deepcopy(model), batch
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(ref_model, our_model):
+    ref, ours = _grads(ref_model), _grads(our_model)
+    assert ref.keys() == ours.keys()
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+    for (name, p), q in zip(ref_model.named_parameters(), our_model.parameters()):
+        assert torch.equal(p, q), f"{name} not restored"
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 0.05])  # 0.05: the projection is active
+def test_reference_pgd_matches_ours(epsilon):
+    from reference_snippets import RefPGD
+
+    from lightning_adv import PGD
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    ref_model(**batch).loss.backward()
+    RefPGD(ref_model, epsilon=epsilon, alpha=0.3, steps=3, emb_name="word_embeddings").attack_backward(
+        lambda: ref_model(**batch).loss, lambda loss: loss.backward()
+    )
+    our_model(**batch).loss.backward()
+    PGD(our_model, epsilon=epsilon, alpha=0.3, steps=3).attack_backward(lambda: our_model(**batch).loss)
+    _assert_same(ref_model, our_model)
+
+
+@pytest.mark.parametrize("adv_max_norm", [0.0, 0.05])
+def test_reference_freelb_matches_ours(adv_max_norm):
+    from reference_snippets import RefFreeLB
+
+    from lightning_adv import FreeLB
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    kwargs = dict(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6, adv_max_norm=adv_max_norm)
+    torch.manual_seed(1)  # the same random start: both draw it right after the embedding lookup
+    RefFreeLB(ref_model, **kwargs).attack_backward(batch, lambda **inputs: ref_model(**inputs).loss, lambda loss: loss.backward())
+    torch.manual_seed(1)
+    adversarial_backward(our_model, [FreeLB(our_model, **kwargs)], lambda: our_model(**batch).loss)
+    _assert_same(ref_model, our_model)

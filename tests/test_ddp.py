@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ddp_script import callbacks_for, parse
 from helpers import ManualText, TextModule, make_data, trainer
-from lightning_adv import AWPCallback, FGMCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD, BATCH = 2, 2
@@ -28,6 +28,11 @@ CONFIGS = [
     "awp2_k1_bf16_unused:awp:2:1:bf16-mixed:1:0",
     "manual_fgm:fgm:1:1:64-true:0:1",
     "manual_awp2_unused:awp:2:1:64-true:1:1",
+    "pgd3_k2:pgd:3:2:64-true:0:0",
+    "pgd2_k1_unused:pgd:2:1:64-true:1:0",
+    "freelb2_k2:freelb:2:2:64-true:0:0",
+    "freelb1_linf_k1_unused:freelb_linf:1:1:64-true:1:0",
+    "manual_freelb2:freelb:2:1:64-true:0:1",
 ]
 
 
@@ -54,7 +59,7 @@ def single_process_reference(cfg):
     order = [i for s in range(len(per_rank[0]) // BATCH) for r in range(WORLD) for i in per_rank[r][s * BATCH:(s + 1) * BATCH]]
     data = DataLoader(Subset(ds, order), batch_size=BATCH, shuffle=False)
     dtype = torch.float64 if precision == "64-true" else torch.float32
-    cbs = {"fgm": [FGMCallback(epsilon=0.7)], "awp": [AWPCallback(adv_lr=0.5, adv_eps=0.05, adv_step=adv_step)]}.get(method, [])
+    cbs = callbacks_for(parse(cfg))  # the callbacks the ranks ran
     if manual:
         module = ManualText(accumulate=WORLD, dtype=dtype)
         trainer(max_epochs=2, precision=precision, callbacks=cbs).fit(module, data)
@@ -93,3 +98,16 @@ def test_ddp_spawn_reports_counters_and_adversarial_loss_on_rank_zero(tmp_path):
     main = torch.load(tmp_path / "spawn_fgm_main.pt")
     assert main["metrics"]["adv/fgm_attacks"] == 8.0
     assert main["metrics"]["adv/fgm_loss_epoch"] > 0
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.split(":")[1].startswith(("pgd", "freelb"))])
+def test_pgd_and_freelb_change_ddp_training_and_log(ddp_results, cfg):
+    name, method, _, acc = cfg.split(":")[:4]
+    logged = "freelb" if method.startswith("freelb") else method
+    for rank in ddp_results[name]:
+        assert rank["metrics"][f"adv/{logged}_attacks"] == 2 * 16 // WORLD // BATCH
+        assert rank["metrics"][f"adv/{logged}_skipped"] == 0
+        assert rank["metrics"][f"adv/{logged}_loss_epoch"] > 0
+    if acc == "1":  # against the run without attack (same schedule): the attack is not a no-op
+        plain = ddp_results["none"][0]["weights"][-1]
+        assert float((ddp_results[name][0]["weights"][-1] - plain).abs().max()) > 1e-4

@@ -1,187 +1,178 @@
-"""RobustAccuracy: accuracy at FGM-perturbed embeddings, checked against a hand computation."""
+"""RobustAccuracy and the core per-example embedding attack, checked against a plain per-example loop."""
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+import random
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import CLASSES, TextModule, loader, make_data, trainer
+from helpers import trainer
+from lightning_adv import FGMCallback, FreeLBCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
+from lightning_adv.core import EmbeddingAttack, robust_accuracy
 
-EMB = "embeddings.word_embeddings.weight"
-
-
-class RobustText(TextModule):
-    """TextModule with the robust_forward protocol and a clean accuracy computed in validation_step."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clean: List[Tuple[int, int]] = []
-
-    def robust_forward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, y = batch
-        return self.model(ids), y
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        ids, y = batch
-        self.clean.append((int((self.model(ids).argmax(-1) == y).sum()), len(y)))
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+VOCAB, DIM, MAXLEN = 30, 8, 7
+Example = Tuple[torch.Tensor, torch.Tensor]
 
 
-def hand_robust(model: nn.Module, batches: List[Tuple[torch.Tensor, torch.Tensor]], epsilon: float) -> Tuple[float, float]:
-    """(clean accuracy, robust accuracy): per batch, W + epsilon * g / ||g|| with g = d loss / d W, by hand."""
-    model.eval()
-    weight = dict(model.named_parameters())[EMB]
-    clean = robust = total = 0
-    for ids, y in batches:
-        logits = model(ids)
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, y), [weight])
-        moved = weight.detach() + epsilon * g / g.norm()
-        with torch.no_grad():
-            adv = torch.func.functional_call(model, {EMB: moved}, (ids,))
-        clean += int((logits.argmax(-1) == y).sum())
-        robust += int((adv.argmax(-1) == y).sum())
-        total += len(y)
-    return clean / total, robust / total
+# -- a text model with padding, and data of several lengths ---------------------------------------------------
+class PadNet(nn.Module):
+    """Embedding (padding id 0) + mean over the real tokens + MLP; ``get_input_embeddings`` like transformers."""
+
+    def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float32, classes: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(VOCAB, DIM, padding_idx=0)
+        self.hidden = nn.Linear(DIM, 16)
+        self.head = nn.Linear(16, classes)
+        self.to(dtype)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def pool(self, ids: torch.Tensor) -> torch.Tensor:
+        real = (ids != 0).unsqueeze(-1).to(self.hidden.weight.dtype)
+        e = self.get_input_embeddings()(ids)
+        return torch.tanh(self.hidden((e * real).sum(1) / real.sum(1).clamp_min(1)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(ids))
 
 
-def batches_of(n: int = 24, batch_size: int = 4, seed: int = 3) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    return list(loader(make_data(n, seed=seed), batch_size=batch_size))
+def label_of(ids: torch.Tensor) -> torch.Tensor:
+    """Class 1 when most tokens are from the lower half of the vocabulary."""
+    real = ids != 0
+    return ((torch.where(ids < VOCAB // 2, 1, -1) * real).sum(-1) > 0).long()
 
 
-@pytest.mark.parametrize("inference_mode", [True, False])
-def test_robust_accuracy_equals_hand_computation(inference_mode: bool) -> None:
-    data = make_data(24, seed=3)
-    module = RobustText(seed=1)
-    expected_clean, expected_robust = hand_robust(module.model, batches_of(), epsilon=10.0)
-    assert 0 < expected_robust < expected_clean  # the attack bites, not completely: the test can tell them apart
-    robust = RobustAccuracy(epsilon=10.0, num_classes=CLASSES)
-    metrics = trainer(callbacks=[robust], inference_mode=inference_mode).validate(module, loader(data), verbose=False)[0]
-    assert metrics["val_robust_acc"] == pytest.approx(expected_robust, abs=1e-6)
-    assert sum(c for c, _ in module.clean) / sum(n for _, n in module.clean) == pytest.approx(expected_clean)
-    assert robust.batches == 6 and robust.skipped == 0
+def examples(n: int = 64, seed: int = 0) -> List[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(2, MAXLEN + 1, (), generator=g))
+        ids = torch.randint(1, VOCAB, (length,), generator=g)
+        out.append((ids, label_of(ids)))
+    return out
 
 
-def test_robust_logits_match_hand_logits() -> None:
-    module = RobustText(seed=2)
-    robust = RobustAccuracy(epsilon=2.5, num_classes=CLASSES)
-    robust.setup(trainer(), module, "validate")
-    module.eval()
-    ids, y = batches_of()[0]
-    weight = dict(module.model.named_parameters())[EMB]
-    (g,) = torch.autograd.grad(F.cross_entropy(module.model(ids), y), [weight])
-    with torch.no_grad():
-        expected = torch.func.functional_call(module.model, {EMB: weight.detach() + 2.5 * g / g.norm()}, (ids,))
-    logits, labels = robust.robust_logits(None, module, (ids, y))
-    torch.testing.assert_close(logits, expected)
-    assert torch.equal(labels, y)
+def collate(rows: Sequence[Example]) -> Example:
+    """Pads to the longest example of the batch."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (x, _) in enumerate(rows):
+        ids[i, : len(x)] = x
+    return ids, torch.stack([y for _, y in rows])
 
 
-def test_epsilon_zero_gives_clean_accuracy() -> None:
-    module = RobustText(seed=4)
-    metrics = trainer(callbacks=[RobustAccuracy(epsilon=0.0, num_classes=CLASSES)]).validate(module, loader(make_data(20, seed=5)), verbose=False)[0]
-    clean = sum(c for c, _ in module.clean) / sum(n for _, n in module.clean)
-    assert metrics["val_robust_acc"] == pytest.approx(clean)
+def batches(rows: Sequence[Example], batch_size: int) -> List[Example]:
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def test_test_stage_logs_test_robust_acc() -> None:
-    module = RobustText(seed=0)
-    expected = hand_robust(module.model, batches_of(), epsilon=4.0)[1]
-    metrics = trainer(callbacks=[RobustAccuracy(epsilon=4.0, num_classes=CLASSES)]).test(module, loader(make_data(24, seed=3)), verbose=False)[0]
-    assert set(metrics) == {"test_robust_acc"}
-    assert metrics["test_robust_acc"] == pytest.approx(expected)
+def train_quickly(net: PadNet, rows: Sequence[Example], steps: int = 150) -> PadNet:
+    """Full-batch Adam: a model that classifies most examples correctly, so that attacks have something to break."""
+    ids, y = collate(rows)
+    opt = torch.optim.Adam(net.parameters(), lr=0.03)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(ids), y).backward()
+        opt.step()
+    for p in net.parameters():
+        p.grad = None
+    return net.eval()
 
 
-class GradProbe(Callback):
-    """Puts known gradients in ``.grad`` before each validation batch (Lightning zeroes them when validation
-    starts) and, placed after RobustAccuracy, checks after each batch that they are the same objects, unchanged."""
-
-    def __init__(self) -> None:
-        self.checked = 0
-
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.grads = {n: torch.full_like(p, 0.5) for n, p in pl_module.named_parameters()}
-        for n, p in pl_module.named_parameters():
-            p.grad = self.grads[n]
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        for n, p in pl_module.named_parameters():
-            assert p.grad is self.grads[n] and bool((p.grad == 0.5).all()), n
-        self.checked += 1
+_TRAINED: Dict[torch.dtype, PadNet] = {}
 
 
-def test_weights_and_grads_untouched_by_validation() -> None:
-    module = RobustText(seed=0)
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    robust, probe = RobustAccuracy(epsilon=10.0, num_classes=CLASSES), GradProbe()
-    trainer(callbacks=[robust, probe]).validate(module, loader(make_data(16)), verbose=False)
-    assert probe.checked == 4 and robust.batches == 4
-    for n, p in module.named_parameters():
-        assert torch.equal(p, before[n]), n
+def trained(dtype: torch.dtype = torch.float32) -> PadNet:
+    if dtype not in _TRAINED:
+        _TRAINED[dtype] = train_quickly(PadNet(seed=0, dtype=dtype), examples(128, seed=10))
+    return _TRAINED[dtype]
 
 
-def test_fit_with_robust_accuracy_trains_exactly_as_without() -> None:
-    """Validation in the middle of gradient accumulation: the training .grad and the weights are unaffected."""
-    data = make_data(32, seed=7)
-
-    def fit(callbacks: list) -> Tuple[RobustText, Any]:
-        module = RobustText(seed=0)
-        t = trainer(callbacks=callbacks, max_epochs=2, accumulate_grad_batches=2, val_check_interval=3, num_sanity_val_steps=2)
-        t.fit(module, loader(data), loader(make_data(12, seed=8)))
-        return module, t
-
-    robust = RobustAccuracy(epsilon=3.0, num_classes=CLASSES)
-    plain, _ = fit([])
-    with_robust, t = fit([robust])
-    for (n, a), (_, b) in zip(plain.named_parameters(), with_robust.named_parameters()):
-        assert torch.equal(a, b), n
-    assert plain.clean_losses == with_robust.clean_losses
-    assert "val_robust_acc" in t.callback_metrics
-    # 2 epochs x 2 validations x 3 batches; the sanity check is not measured
-    assert robust.batches == 12
+def core(net: nn.Module, data: Sequence[Example], **kwargs: Any) -> Dict[str, float]:
+    return robust_accuracy(net, lambda b: (net(b[0]), b[1]), data, **kwargs)
 
 
-class NoProtocol(TextModule):
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        pass
+# -- the reference: each example alone, unpadded, as the textbook writes the attacks -----------------------------
+def reference(net: nn.Module, rows: Sequence[Example], epsilon: float, norm_type: str = "l2", steps: int = 1) -> Tuple[float, float]:
+    """(robust accuracy, mean loss gain) with a plain loop over the examples, each in a batch of its own."""
+    emb = net.get_input_embeddings()
+    current: List[Optional[torch.Tensor]] = [None]
+    handle = emb.register_forward_hook(lambda m, a, out: out + current[0] if current[0] is not None else None)
+    correct, gains = 0, []
+    alpha = epsilon if steps == 1 else 2.5 * epsilon / steps
+    try:
+        for ids, y in rows:
+            ids, y = ids[None], y.view(1)
+            with torch.no_grad():
+                clean = F.cross_entropy(net(ids), y)
+            delta = torch.zeros(1, ids.shape[1], DIM, dtype=emb.weight.dtype)
+            for _ in range(steps):
+                d = delta.clone().requires_grad_()
+                current[0] = d
+                (g,) = torch.autograd.grad(F.cross_entropy(net(ids), y), [d])
+                if norm_type == "l2":
+                    norm = float(g.norm())
+                    delta = delta + alpha * (g / norm if norm > 0 else g)
+                    if float(delta.norm()) > epsilon:
+                        delta = delta * epsilon / delta.norm()
+                else:
+                    delta = (delta + alpha * g.sign()).clamp(-epsilon, epsilon)
+            current[0] = delta
+            with torch.no_grad():
+                adv = net(ids)
+            current[0] = None
+            correct += int(adv.argmax(-1) == y)
+            gains.append(float(F.cross_entropy(adv, y) - clean))
+    finally:
+        handle.remove()
+    return correct / len(rows), sum(gains) / len(gains)
 
 
-def test_missing_protocol_is_a_clear_error() -> None:
-    with pytest.raises(TypeError, match=r"NoProtocol.robust_forward\(batch\) -> \(logits, labels\)"):
-        trainer(callbacks=[RobustAccuracy()]).validate(NoProtocol(), loader(make_data(8)), verbose=False)
+# -- the core --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm_type, steps, epsilon", [("l2", 1, 1.0), ("linf", 1, 0.3), ("l2", 3, 1.0), ("linf", 3, 0.3)])
+def test_core_equals_per_example_reference_at_any_batch_size_and_order(norm_type: str, steps: int, epsilon: float) -> None:
+    net = trained(torch.float64)
+    rows = examples(64, seed=1)
+    ref_acc, ref_gain = reference(net, rows, epsilon, norm_type, steps)
+    clean = core(net, [collate(rows)], epsilon=0.0)["clean_acc"]
+    assert 0.2 < ref_acc < clean - 0.1  # the attack bites, not completely: the comparisons can tell things apart
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    for data in (batches(rows, 1), batches(rows, 5), batches(rows, 64), batches(shuffled, 5)):
+        got = core(net, data, epsilon=epsilon, norm_type=norm_type, steps=steps)
+        assert got["robust_acc"] == got[f"robust_acc@{epsilon:g}"] == pytest.approx(ref_acc, abs=1e-12)
+        assert got[f"robust_loss_gain@{epsilon:g}"] == pytest.approx(ref_gain, rel=1e-9)
+        assert got["clean_acc"] == pytest.approx(clean, abs=1e-12)
 
 
-def test_bad_emb_name_names_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"RobustAccuracy\(emb_name='nope'\).*word_embeddings"):
-        trainer(callbacks=[RobustAccuracy(emb_name="nope")]).validate(RobustText(), loader(make_data(8)), verbose=False)
+def test_core_float32_does_not_depend_on_batch_size() -> None:
+    net, rows = trained(), examples(64, seed=1)
+    results = [core(net, batches(rows, bs), epsilon=[0.5, 1.0]) for bs in (1, 5, 64)]
+    for got in results[1:]:
+        assert got.keys() == results[0].keys()
+        for key in got:
+            assert got[key] == pytest.approx(results[0][key], abs=1e-5), key
 
 
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        ({"epsilon": -1.0}, "epsilon"),
-        ({"epsilon": float("nan")}, "epsilon"),
-        ({"epsilon": "1"}, "epsilon"),
-        ({"num_classes": 1}, "num_classes"),
-        ({"num_classes": 2.0}, "num_classes"),
-        ({"emb_name": ""}, "emb_name"),
-    ],
-)
-def test_bad_arguments_raise_value_error(kwargs: dict, name: str) -> None:
-    with pytest.raises(ValueError, match=rf"RobustAccuracy\({name}="):
-        RobustAccuracy(**kwargs)
-
-
-def test_stages_can_be_switched_off() -> None:
-    robust = RobustAccuracy(epsilon=1.0, num_classes=CLASSES, validate=False)
-    t = trainer(callbacks=[robust])
-    assert t.validate(RobustText(), loader(make_data(8)), verbose=False)[0] == {}
-    assert "test_robust_acc" in t.test(RobustText(), loader(make_data(8)), verbose=False)[0]
-    assert robust.batches == 2
+def test_padding_gets_no_perturbation() -> None:
+    net = trained()
+    ids, y = collate(examples(6, seed=2))
+    seen: List[torch.Tensor] = []
+    handle = net.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    attack = EmbeddingAttack(net, epsilon=1.0, steps=2, random_start=True)
+    try:
+        attack.run(lambda: net(ids), y)
+    finally:
+        handle.remove()
+    deltas = [out - seen[0] for out in seen[1:]]  # our hook runs first: what the later hook sees is output + delta
+    assert len(deltas) == 0  # the hook registered after ours sees the output it returned? no: hooks see the original

@@ -1,5 +1,7 @@
 """The Lightning layer of lightning_adv: callbacks (automatic optimization) and the mixin (manual)."""
 
+from lightning_adv.callbacks.cli_types import register as _register_cli_types
+
 from lightning_adv.callbacks.awp import AWPCallback
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.callbacks.fgm import FGMCallback
@@ -15,3 +17,5 @@ __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
     "R3FCallback", "RobustAccuracy", "SMARTCallback", "in_adversarial_pass",
 ]
+
+_register_cli_types()

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.core.awp import AWP
-from lightning_adv.core.checks import check_int, check_non_negative, check_pattern
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern
 
 
 class AWPCallback(AdversarialCallback):
@@ -43,7 +43,8 @@ class AWPCallback(AdversarialCallback):
     """
 
     def __init__(
-        self, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2, start_epoch: int = 0, adv_step: int = 1
+        self, adv_param: ParameterPattern = "weight", adv_lr: NonNegativeFloat = 1.0, adv_eps: NonNegativeFloat = 0.2,
+        start_epoch: NonNegativeInt = 0, adv_step: PositiveInt = 1
     ) -> None:
         owner = type(self).__name__
         check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 
 from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.coordinator import adversarial_callbacks, coordinator_of
-from lightning_adv.core.checks import check_int
+from lightning_adv.core.checks import NonNegativeInt, check_int
 from lightning_adv.core.method import Method
 from lightning_adv.core.step import Outcome
 
@@ -36,7 +36,7 @@ class AdversarialCallback(Callback):
     which it attacked, the running totals ``adv/<name>_attacks`` and ``adv/<name>_skipped``.
     """
 
-    def __init__(self, start_epoch: int = 0) -> None:
+    def __init__(self, start_epoch: NonNegativeInt = 0) -> None:
         check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
         self.start_epoch = start_epoch
         self.method: Optional[Method] = None

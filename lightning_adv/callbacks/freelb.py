@@ -7,7 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import check_choice, check_int, check_non_negative
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative
 from lightning_adv.core.freelb import FreeLB
 
 
@@ -52,12 +52,12 @@ class FreeLBCallback(AdversarialCallback):
 
     def __init__(
         self,
-        adv_lr: float = 0.1,
-        adv_steps: int = 2,
-        adv_init_mag: float = 0.6,
-        adv_max_norm: float = 0.0,
+        adv_lr: NonNegativeFloat = 0.1,
+        adv_steps: PositiveInt = 2,
+        adv_init_mag: NonNegativeFloat = 0.6,
+        adv_max_norm: NonNegativeFloat = 0.0,
         norm_type: Literal["l2", "linf"] = "l2",
-        start_epoch: int = 0,
+        start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
         owner = type(self).__name__

@@ -63,14 +63,17 @@ class StateGuard:
 
     @contextmanager
     def preserved(self) -> Iterator[None]:
-        buffers = [b.detach().clone() for b in self.buffers]
+        buffers = [(b._version, b.detach().clone()) for b in self.buffers]
         metrics = [_snapshot(m) for m in self.metrics]
         try:
             yield
         finally:
+            # only the buffers written in place: a copy into an untouched one would bump its version, and a
+            # pending backward that saved it (the clean one; BERT's token_type_ids) would fail
             with torch.no_grad():
-                for b, saved in zip(self.buffers, buffers):
-                    b.copy_(saved)
+                for b, (version, saved) in zip(self.buffers, buffers):
+                    if b._version != version:
+                        b.copy_(saved)
             for m, snap in zip(self.metrics, metrics):
                 _restore(m, snap)
 

@@ -7,7 +7,7 @@ from typing import Any, Dict
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import check_int, check_non_negative, check_pattern
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern
 from lightning_adv.core.pgd import PGD
 
 
@@ -40,7 +40,8 @@ class PGDCallback(AdversarialCallback):
     """
 
     def __init__(
-        self, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3, emb_name: str = "word_embeddings", start_epoch: int = 0
+        self, epsilon: NonNegativeFloat = 1.0, alpha: NonNegativeFloat = 0.3, steps: PositiveInt = 3,
+        emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0
     ) -> None:
         owner = type(self).__name__
         check_non_negative(owner, epsilon=epsilon, alpha=alpha)

@@ -7,7 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import check_choice, check_non_negative
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, check_choice, check_non_negative
 from lightning_adv.core.r3f import R3F
 
 
@@ -49,10 +49,10 @@ class R3FCallback(AdversarialCallback):
 
     def __init__(
         self,
-        eps: float = 1e-5,
-        r3f_lambda: float = 1.0,
+        eps: NonNegativeFloat = 1e-5,
+        r3f_lambda: NonNegativeFloat = 1.0,
         noise_type: Literal["uniform", "normal"] = "uniform",
-        start_epoch: int = 0,
+        start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
         owner = type(self).__name__

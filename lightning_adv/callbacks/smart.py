@@ -7,7 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import check_choice, check_int, check_non_negative
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative
 from lightning_adv.core.smart import SMART
 
 
@@ -50,13 +50,13 @@ class SMARTCallback(AdversarialCallback):
 
     def __init__(
         self,
-        adv_alpha: float = 1.0,
-        step_size: float = 1e-3,
-        noise_var: float = 1e-5,
-        epsilon: float = 1e-6,
-        steps: int = 1,
+        adv_alpha: NonNegativeFloat = 1.0,
+        step_size: NonNegativeFloat = 1e-3,
+        noise_var: NonNegativeFloat = 1e-5,
+        epsilon: NonNegativeFloat = 1e-6,
+        steps: PositiveInt = 1,
         norm: Literal["inf", "l2", "l1"] = "inf",
-        start_epoch: int = 0,
+        start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
         owner = type(self).__name__

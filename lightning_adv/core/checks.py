@@ -40,3 +40,56 @@ def check_pattern(owner: str, name: str, value: Any) -> None:
             f"{owner}({name}={value!r}): {name} must be a non-empty substring of parameter names "
             "(an empty one would match every parameter of the model)."
         )
+
+
+# -- argument types: plain numbers and strings that validate themselves -------------------------------------------
+# Used as type hints of the callbacks' arguments, so that LightningCLI (jsonargparse) reports an out-of-range value
+# as a parse error naming the flag (see lightning_adv.callbacks.cli_types); Python itself does not enforce hints, and
+# the classes check their arguments at construction as well.
+
+
+class NonNegativeFloat(float):
+    """A finite number >= 0.
+
+    >>> NonNegativeFloat("0.5")
+    0.5
+    >>> NonNegativeFloat(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: -1 is not a finite number >= 0
+    """
+
+    def __new__(cls, value: Any) -> "NonNegativeFloat":
+        number = float(value)
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise ValueError(f"{value!r} is not a finite number >= 0")
+        return super().__new__(cls, number)
+
+
+class PositiveInt(int):
+    """An integer >= 1."""
+
+    minimum = 1
+
+    def __new__(cls, value: Any) -> "PositiveInt":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{value!r} is not an integer >= {cls.minimum}")
+        number = int(value)
+        if number < cls.minimum:
+            raise ValueError(f"{value!r} is not an integer >= {cls.minimum}")
+        return super().__new__(cls, number)
+
+
+class NonNegativeInt(PositiveInt):
+    """An integer >= 0."""
+
+    minimum = 0
+
+
+class ParameterPattern(str):
+    """A non-empty substring of parameter names (an empty one would match every parameter)."""
+
+    def __new__(cls, value: Any) -> "ParameterPattern":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{value!r} is not a non-empty substring of parameter names")
+        return super().__new__(cls, value)
