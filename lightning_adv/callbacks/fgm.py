@@ -22,7 +22,7 @@ class FGMCallback(AdversarialCallback):
     Args:
         epsilon: L2 norm of the perturbation of each embedding matrix (>= 0; 0 disables the attack).
         emb_name: substring of the names of the embedding parameters to perturb
-            (``"word_embeddings"`` for BERT-family models from ``transformers``).
+            ("word_embeddings" for BERT-family models from transformers).
         start_epoch: first epoch (counted from 0) that is attacked.
 
     Example::

@@ -25,10 +25,10 @@ class FreeLBCallback(AdversarialCallback):
         adv_steps: ascent passes after the clean one (>= 1).
         adv_init_mag: magnitude of the random start (>= 0).
         adv_max_norm: bound of the perturbation per example (>= 0; 0: unbounded).
-        norm_type: ``"l2"`` or ``"linf"``.
+        norm_type: "l2" or "linf".
         start_epoch: first epoch (counted from 0) that is attacked.
         embedding: dotted path of the input-embedding module in the LightningModule; by default the
-            ``get_input_embeddings()`` of its first ``transformers`` model.
+            get_input_embeddings() of its first transformers model.
 
     Example::
 

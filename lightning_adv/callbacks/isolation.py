@@ -63,17 +63,16 @@ class StateGuard:
 
     @contextmanager
     def preserved(self) -> Iterator[None]:
-        buffers = [(b._version, b.detach().clone()) for b in self.buffers]
+        buffers = [b.detach().clone() for b in self.buffers]
         metrics = [_snapshot(m) for m in self.metrics]
         try:
             yield
         finally:
-            # only the buffers written in place: a copy into an untouched one would bump its version, and a
-            # pending backward that saved it (the clean one; BERT's token_type_ids) would fail
+            # through .data: the copy must not bump the buffer's version counter, or a pending backward that saved
+            # the buffer (the clean one, when the guard runs before it; BERT's token_type_ids) would fail
             with torch.no_grad():
-                for b, (version, saved) in zip(self.buffers, buffers):
-                    if b._version != version:
-                        b.copy_(saved)
+                for b, saved in zip(self.buffers, buffers):
+                    b.data.copy_(saved)
             for m, snap in zip(self.metrics, metrics):
                 _restore(m, snap)
 

@@ -22,9 +22,9 @@ class R3FCallback(AdversarialCallback):
     Args:
         eps: noise magnitude (>= 0).
         r3f_lambda: weight of the regulariser (>= 0).
-        noise_type: ``"uniform"`` or ``"normal"``.
+        noise_type: "uniform" or "normal".
         start_epoch: first epoch (counted from 0) that is regularised.
-        embedding: dotted path of the input-embedding module; by default that of the first ``transformers`` model.
+        embedding: dotted path of the input-embedding module; by default that of the first transformers model.
 
     Example::
 

@@ -23,9 +23,9 @@ class SMARTCallback(AdversarialCallback):
         noise_var: scale of the initial Gaussian noise (>= 0).
         epsilon: guard of the per-token normalisation (>= 0).
         steps: ascent steps (>= 1).
-        norm: per-token normalisation, ``"inf"``, ``"l2"`` or ``"l1"``.
+        norm: per-token normalisation, "inf", "l2" or "l1".
         start_epoch: first epoch (counted from 0) that is regularised.
-        embedding: dotted path of the input-embedding module; by default that of the first ``transformers`` model.
+        embedding: dotted path of the input-embedding module; by default that of the first transformers model.
 
     Example::
 

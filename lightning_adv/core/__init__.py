@@ -17,10 +17,12 @@ from lightning_adv.core.method import Method, ParameterMethod
 from lightning_adv.core.params import match_parameters, select_trainable
 from lightning_adv.core.pgd import PGD
 from lightning_adv.core.r3f import R3F
+from lightning_adv.core.robust import AttackResult, EmbeddingAttack, robust_accuracy
 from lightning_adv.core.smart import SMART
 from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutput, adversarial_backward
 
 __all__ = [
+    "AttackResult", "EmbeddingAttack", "robust_accuracy",
     "AWP", "AttackStep", "BackwardSync", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method", "Outcome",
     "PGD", "ParameterMethod", "R3F", "SMART", "PassOutput", "adversarial_backward", "find_embedding", "match_parameters",
     "select_trainable",

@@ -146,7 +146,7 @@ class ParameterMethod(Method):
             >>> emb(torch.tensor([1, 2])).sum().backward()
             >>> before = emb.weight.detach().clone()
             >>> with fgm.perturbed():
-            ...     moved = (emb.weight - before).norm().item()
+            ...     moved = float((emb.weight.detach() - before).norm())
             >>> round(moved, 6), bool(torch.equal(emb.weight, before))
             (1.0, True)
         """
@@ -160,10 +160,12 @@ class ParameterMethod(Method):
         params = [p for p in self.parameters if p.requires_grad]
         grads = step.clean_grads(params, writable=writable)
         out: Optional[PassOutput] = None
+        finite = torch.ones((), dtype=torch.bool)
         with self.attacking(params) as snapshot:
             for t in range(num_passes):
                 finite_t = self._perturb(snapshot, grads, t)
-                finite = finite_t if t == 0 else finite
+                if t == 0:
+                    finite = finite_t
                 step.zero_grad()
                 out = step.forward(final=t == num_passes - 1)
                 step.backward(out.loss)

@@ -62,7 +62,8 @@ def select_trainable(module: nn.Module, pattern: str, *, owner: str, argument: s
         frozen = ", ".join(n for n, _ in matched[:8])
         raise ValueError(
             f"{owner}({argument}={pattern!r}) matches only frozen parameters (requires_grad=False): {frozen}. "
-            f"Unfreeze them, or pass an {argument} that matches a trainable parameter."
+            f"Unfreeze them, pass an {argument} that matches a trainable parameter, or, for a frozen embedding "
+            "(PEFT/LoRA), perturb its output per example instead (FreeLB, R3F, SMART), which needs no trainable weight."
         )
     names = [n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad]
     candidates = [n for n in names if hint in n.lower()] or names

@@ -93,7 +93,7 @@ def find_target(model: nn.Module, embedding: Optional[str], owner: str) -> Embed
 
 @dataclass
 class AttackResult:
-    """The outcome of :meth:`EmbeddingAttack.run` on one batch (all tensors detached, logits in float32).
+    """The outcome of :meth:`EmbeddingAttack.run` on one batch (all tensors detached, logits in float32, or float64 for a float64 model).
 
     Attributes:
         epsilons: the radii, in the order of :attr:`logits`.
@@ -350,10 +350,10 @@ class EmbeddingAttack:
         labels = labels.detach()
         zero, mask = self._delta()
         real = mask.unsqueeze(-1).to(zero.dtype)
-        clean_logits = logits.detach().float()
+        clean_logits = _wide(logits.detach())
         clean_grad: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if need_grad:
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")  # each example's gradient is its own
+            loss = F.cross_entropy(_wide(logits), labels, reduction="sum")  # each example's gradient is its own
             clean_grad = self._grad(loss, zero, real)
         del logits
         rows, bad = [], []
@@ -372,14 +372,14 @@ class EmbeddingAttack:
                     delta = delta.detach().requires_grad_()
                     self._armed(delta)
                     step_logits, _ = self._forward(forward_fn, labels)
-                    grad, bad_t = self._grad(F.cross_entropy(step_logits.float(), labels, reduction="sum"), delta, real)
+                    grad, bad_t = self._grad(F.cross_entropy(_wide(step_logits), labels, reduction="sum"), delta, real)
                 nonfinite = nonfinite | bad_t
                 with torch.no_grad():
                     delta = self._project(delta.detach() + alpha * self._direction(grad), epsilon) * real
             with torch.no_grad():
                 self._armed(delta)
                 adv_logits, _ = self._forward(forward_fn, labels)
-            rows.append(adv_logits.detach().float())
+            rows.append(_wide(adv_logits.detach()))
             bad.append(nonfinite)
         return AttackResult(epsilons, labels, clean_logits, torch.stack(rows), torch.stack(bad), alias)
 
@@ -387,6 +387,11 @@ class EmbeddingAttack:
 def _work_dtype(output: torch.Tensor) -> torch.dtype:
     """float32 for a half-precision output, its own dtype when wider."""
     return torch.promote_types(output.dtype, torch.float32) if output.is_floating_point() else torch.float32
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 (float64 stays float64)."""
+    return logits.to(_work_dtype(logits))
 
 
 class RobustTally:
