@@ -472,10 +472,12 @@ class Breakdown:
     * ``forward`` / ``autograd``: the model's forward in ``training_step`` and ``LightningModule.backward``, while
       ``lightning_adv.in_adversarial_pass(module)``;
     * ``record``: ``callback.record`` (counters and ``self.log`` of the adversarial loss); ``guard``: the
-      coordinator's ``StateGuard.preserved`` (snapshot and restoration of buffers and metric states).
+      coordinator's ``StateGuard.preserved`` (snapshot and restoration of buffers and metric states) inside
+      ``after_backward``, ``guard_before`` outside it (around the methods' ``before_backward``).
     """
 
-    BUCKETS = ("hooks", "batch_start", "engine", "attack", "pass", "forward", "backward", "autograd", "record", "guard")
+    BUCKETS = ("hooks", "batch_start", "engine", "attack", "pass", "forward", "backward", "autograd", "record", "guard",
+               "guard_before")
 
     def __init__(self) -> None:
         self.current: Dict[str, float] = dict.fromkeys(self.BUCKETS, 0.0)
@@ -525,13 +527,14 @@ class Breakdown:
 
             @contextlib.contextmanager
             def preserved(*args: Any, **kwargs: Any) -> Iterator[None]:
-                with self.timing("guard"):  # snapshot of buffers and metric states
+                bucket = "guard" if self._depth["engine"] else "guard_before"
+                with self.timing(bucket):  # snapshot of buffers and metric states
                     cm = original_preserved(*args, **kwargs)
                     cm.__enter__()
                 try:
                     yield
                 finally:
-                    with self.timing("guard"):  # and their restoration
+                    with self.timing(bucket):  # and their restoration
                         cm.__exit__(*sys.exc_info())
 
             guard.preserved = preserved
@@ -700,8 +703,9 @@ class LightningRunner:
                 dict(
                     arithmetic=s["attack"] - s["pass"] - s["backward"],
                     machinery=s["hooks"] - s["attack"],
+                    guard_all=s["guard"] + s["guard_before"],
                     engine_rest=s["engine"] - s["attack"] - s["guard"] - s["record"],
-                    other=s["hooks"] - s["engine"] - s["batch_start"],
+                    other=s["hooks"] - s["engine"] - s["batch_start"] - s["guard_before"],
                     step_dispatch=s["pass"] - s["forward"],
                     backward_dispatch=s["backward"] - s["autograd"],
                 )
@@ -1064,9 +1068,11 @@ def render(results: Dict[str, Any], command: str) -> str:
             "`LightningModule.backward` (the precision plugin, the backward hooks); *arithmetic*: `callback.method.run` "
             "minus its passes (perturbation, snapshot, restore); *machinery*: the hooks minus `method.run`, split into "
             "`callback.record` (counters, `self.log` of the adversarial loss), the coordinator's `StateGuard` "
-            "(buffers and metric states), `Coordinator.batch_start` (plan, copy of the batch's containers, the "
+            "(snapshot and restoration of buffers and metric states, around the methods' `before_backward` and "
+            "`after_backward`), `Coordinator.batch_start` (plan, copy of the batch's containers, the "
             "`AttackStep`, the methods' `prepare`), the rest of `Coordinator.after_backward` (clean gradient aside, "
-            "silenced logging, side-effect check) and the other hooks (earlier gradients aside, closing the step). "
+            "silenced logging, side-effect check) and the other hooks (earlier gradients aside and the methods' "
+            "`before_backward`, closing the step). "
             "Plain Lightning step minus plain loop step: Lightning's own overhead, for scale.",
             "",
             "| model | callback | hooks | adv. forward | adv. autograd | step dispatch | backward dispatch | arithmetic | "
@@ -1079,7 +1085,7 @@ def render(results: Dict[str, Any], command: str) -> str:
                 lines.append(
                     f"| {res['model']} | {METHODS[variant[2:]]['callback']} | {bd['hooks']:.1f} | {bd['forward']:.1f} | "
                     f"{bd['autograd']:.1f} | {bd['step_dispatch']:.2f} | {bd['backward_dispatch']:.2f} | "
-                    f"{bd['arithmetic']:.1f} | {bd['machinery']:.2f} | {bd['record']:.2f} | {bd['guard']:.2f} | "
+                    f"{bd['arithmetic']:.1f} | {bd['machinery']:.2f} | {bd['record']:.2f} | {bd['guard_all']:.2f} | "
                     f"{bd['batch_start']:.2f} | {bd['engine_rest']:.2f} | {bd['other']:.2f} | "
                     f"{res['median_ms'][clock]['L_plain'] - res['median_ms'][clock]['plain']:+.1f} |"
                 )

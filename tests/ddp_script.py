@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
-from helpers import ManualText, TextModule, make_data, trainer  # noqa: E402
-from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback  # noqa: E402
+from helpers import BatchSeeded, LogitsText, ManualText, TextModule, make_data, trainer  # noqa: E402
+from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback  # noqa: E402
 
 ALLREDUCES = [0]
 
@@ -74,14 +74,24 @@ def callbacks_for(cfg: dict) -> list:
         linf = cfg["method"].endswith("linf")
         return [FreeLBCallback(adv_lr=0.3, adv_steps=cfg["adv_step"], adv_init_mag=0.0, adv_max_norm=0.05 if linf else 0.2,
                                norm_type="linf" if linf else "l2", embedding="model.embeddings.word_embeddings")]
+    if cfg["method"] == "r3f":  # the noise seeded by the batch: the same on a rank and in the reference
+        return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal", embedding="model.embeddings.word_embeddings"), BatchSeeded()]
+    if cfg["method"] == "smart":
+        return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1, steps=cfg["adv_step"], embedding="model.embeddings.word_embeddings"), BatchSeeded()]
     return []
+
+
+def module_for(cfg: dict, dtype: torch.dtype, accumulate: int = 1) -> L.LightningModule:
+    if cfg["manual"]:
+        return ManualText(accumulate=accumulate, dtype=dtype)
+    return LogitsText(dtype=dtype) if cfg["method"] in ("r3f", "smart") else TextModule(dtype=dtype)
 
 
 def main() -> None:
     out, strategy_name, configs = sys.argv[1], sys.argv[2], [parse(c) for c in sys.argv[3:]]
     for cfg in configs:
         dtype = torch.float64 if cfg["precision"] == "64-true" else torch.float32
-        module = ManualText(dtype=dtype) if cfg["manual"] else TextModule(dtype=dtype)
+        module = module_for(cfg, dtype)
         recorder = Recorder()
         attack_cbs = callbacks_for(cfg)
         strategy = DDPStrategy(find_unused_parameters=cfg["find_unused"], start_method="spawn" if strategy_name == "ddp_spawn" else "popen")
@@ -91,10 +101,10 @@ def main() -> None:
         t.fit(module, datamodule=Data())
         metrics = {k: float(v) for k, v in t.callback_metrics.items()}
         result = dict(weights=recorder.weights, allreduces=recorder.allreduces, metrics=metrics,
-                      attacks=[cb.attacks for cb in attack_cbs], rank=t.global_rank)
+                      attacks=[cb.attacks for cb in attack_cbs if hasattr(cb, "attacks")], rank=t.global_rank)
         if strategy_name == "ddp_spawn":  # the main process gets back only callback_metrics: check them there
             if t.global_rank == 0:
-                torch.save(dict(metrics=metrics, attacks=[cb.attacks for cb in attack_cbs]), os.path.join(out, f"{cfg['name']}_main.pt"))
+                torch.save(dict(metrics=metrics, attacks=[cb.attacks for cb in attack_cbs if hasattr(cb, "attacks")]), os.path.join(out, f"{cfg['name']}_main.pt"))
         else:
             torch.save(result, os.path.join(out, f"{cfg['name']}_rank{t.global_rank}.pt"))
 

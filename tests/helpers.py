@@ -178,3 +178,26 @@ def reference_fit(
 
 def max_diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+class LogitsText(TextModule):
+    """Returns ``{"loss", "logits"}``, as SMART and R3F need."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
+        ids, y = batch
+        logits = self.model(ids)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return {"loss": loss, "logits": logits}
+
+
+class BatchSeeded(L.Callback):
+    """Seeds the noise of every method from the batch's content: the same noise for a micro-batch whichever
+    process or position runs it (DDP against single-process accumulation)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        seed = int(batch[0].sum()) * 1000 + int(batch[1].sum())
+        for cb in trainer.callbacks:
+            method = getattr(cb, "method", None)
+            if method is not None and hasattr(method, "generator"):
+                method.generator = torch.Generator().manual_seed(seed)

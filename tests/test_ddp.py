@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ddp_script import callbacks_for, parse
+from ddp_script import callbacks_for, module_for, parse
 from helpers import ManualText, TextModule, make_data, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +33,10 @@ CONFIGS = [
     "freelb2_k2:freelb:2:2:64-true:0:0",
     "freelb1_linf_k1_unused:freelb_linf:1:1:64-true:1:0",
     "manual_freelb2:freelb:2:1:64-true:0:1",
+    "r3f_k2:r3f:1:2:64-true:0:0",
+    "r3f_k1_unused:r3f:1:1:64-true:1:0",
+    "smart_k1:smart:1:1:64-true:0:0",
+    "smart2_k2_unused:smart:2:2:64-true:1:0",
 ]
 
 
@@ -60,11 +64,10 @@ def single_process_reference(cfg):
     data = DataLoader(Subset(ds, order), batch_size=BATCH, shuffle=False)
     dtype = torch.float64 if precision == "64-true" else torch.float32
     cbs = callbacks_for(parse(cfg))  # the callbacks the ranks ran
+    module = module_for(parse(cfg), dtype, accumulate=WORLD)
     if manual:
-        module = ManualText(accumulate=WORLD, dtype=dtype)
         trainer(max_epochs=2, precision=precision, callbacks=cbs).fit(module, data)
     else:
-        module = TextModule(dtype=dtype)
         trainer(max_epochs=2, precision=precision, callbacks=cbs, accumulate_grad_batches=WORLD * acc).fit(module, data)
     return torch.cat([p.detach().flatten() for p in module.model.parameters()])
 

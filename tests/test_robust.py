@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import trainer
-from lightning_adv import FGMCallback, FreeLBCallback
+from lightning_adv import FGMCallback, FreeLBCallback, in_adversarial_pass
 from lightning_adv.callbacks.robust import RobustAccuracy
 from lightning_adv.core import EmbeddingAttack, robust_accuracy
 
@@ -115,7 +115,7 @@ def reference(net: nn.Module, rows: Sequence[Example], epsilon: float, norm_type
             ids, y = ids[None], y.view(1)
             with torch.no_grad():
                 clean = F.cross_entropy(net(ids), y)
-            delta = torch.zeros(1, ids.shape[1], DIM, dtype=emb.weight.dtype)
+            delta = torch.zeros(1, ids.shape[1], DIM, dtype=net.hidden.weight.dtype)
             for _ in range(steps):
                 d = delta.clone().requires_grad_()
                 current[0] = d
@@ -202,7 +202,9 @@ def test_pgd_is_at_least_as_strong_as_the_fast_gradient(norm_type: str, epsilon:
     fast = core(net, data, epsilon=epsilon, norm_type=norm_type, steps=1)
     pgd = core(net, data, epsilon=epsilon, norm_type=norm_type, steps=3)
     assert pgd["robust_acc"] <= fast["robust_acc"] < fast["clean_acc"]
-    assert pgd[f"robust_loss_gain@{epsilon:g}"] > fast[f"robust_loss_gain@{epsilon:g}"] > 0
+    assert pgd[f"robust_loss_gain@{epsilon:g}"] >= fast[f"robust_loss_gain@{epsilon:g}"] > 0
+    if norm_type == "l2":  # (linf on this mean-pooled model: PGD ends at epsilon * sign(g), the fast-gradient point)
+        assert pgd[f"robust_loss_gain@{epsilon:g}"] > fast[f"robust_loss_gain@{epsilon:g}"]
 
 
 def test_random_start_is_seeded() -> None:
@@ -298,7 +300,7 @@ def test_core_errors_are_clear() -> None:
         ({"epsilon": "1"}, r"epsilon='1'\)"),
         ({"epsilon": [0.5, -2.0]}, r"epsilon=\[0.5, -2.0\]\): every epsilon must be a finite number >= 0, got -2.0"),
         ({"epsilon": []}, r"epsilon=\[\]\): .*non-empty list"),
-        ({"epsilon": [1.0, 1]}, r"epsilons must be distinct"),
+        ({"epsilon": [1.0, 1]}, r"epsilon=\[1.0, 1\]\): the epsilons must be distinct"),
         ({"steps": 0}, r"steps=0\): steps must be an integer >= 1"),
         ({"steps": 2.0}, r"steps=2.0\)"),
         ({"norm_type": "l1"}, r"norm_type='l1'\): norm_type must be one of 'l2', 'linf'"),
@@ -337,7 +339,8 @@ class RobustModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         ids, y = batch
         loss = F.cross_entropy(self.model(ids), y)
-        self.clean_losses.append(float(loss.detach()))
+        if not in_adversarial_pass(self):
+            self.clean_losses.append(float(loss.detach()))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -471,6 +474,7 @@ def test_fit_with_robust_accuracy_trains_exactly_as_without() -> None:
     assert robust.batches == 2 * 2 * 3  # 2 epochs x 2 validations x 3 batches; the sanity check is not measured
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_adversarial_training_is_measurably_more_robust() -> None:
     """A toy task, fixed seed: FGM and FreeLB training give a higher robust accuracy at epsilon 1 than plain training."""
     train, test = DataLoader(tokens(256, 0), batch_size=32), DataLoader(tokens(256, 1), batch_size=64)
@@ -483,6 +487,7 @@ def test_adversarial_training_is_measurably_more_robust() -> None:
     plain = robust_acc([])
     fgm = robust_acc([FGMCallback(epsilon=1.0)])
     freelb = robust_acc([FreeLBCallback(adv_lr=0.5, adv_steps=2, adv_init_mag=0.0)])
+    print(f"robust accuracy at epsilon 1: plain {plain:.3f}, FGM {fgm:.3f}, FreeLB {freelb:.3f}")
     assert fgm >= plain + 0.05 and freelb >= plain + 0.1, (plain, fgm, freelb)
 
 

@@ -118,6 +118,8 @@ class AttackStep:
             except SkipAttack:
                 self.zero_grad()
                 outcome = Outcome(None, torch.ones((), dtype=torch.bool))
+                if self._base is self._clean:  # a skipped method does not weight the clean gradient (FreeLB)
+                    self._base_weight /= float(getattr(method, "clean_weight", 1.0))
             self.outcomes.append(outcome)
             if not getattr(method, "runs_after_backward", True):
                 continue

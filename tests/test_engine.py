@@ -1,0 +1,97 @@
+"""The engine's contract, method-independent: plain-loop misuse, skipped passes, restores and hooks on errors,
+what is shown at fit start and on the progress bar."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from helpers import TextModule, TinyText, loader, make_data, trainer
+from lightning_adv import FGMCallback, FreeLBCallback, PGDCallback
+from lightning_adv.core import AWP, FGM, PGD, FreeLB, adversarial_backward
+
+EMB = "embeddings.word_embeddings"
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 40, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+@pytest.mark.parametrize("make", [lambda m: FGM(m), lambda m: AWP(m), lambda m: PGD(m)])
+def test_plain_loop_without_clean_backward_raises_with_the_fix(make):
+    model = TinyText()
+    ids, y = _batch()
+    with pytest.raises(RuntimeError, match=r"no parameter of the model holds a gradient.*loss.backward\(\)"):
+        make(model).attack_backward(lambda: F.cross_entropy(model(ids), y))
+
+
+def test_a_pass_returning_none_skips_the_attack_and_keeps_the_clean_gradient():
+    torch.manual_seed(0)
+    model = TinyText().double()
+    ids, y = _batch()
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return F.cross_entropy(model(ids), y) if len(calls) == 1 else None
+
+    (outcome,) = adversarial_backward(model, [FGM(model, emb_name="word")], loss_fn)
+    assert outcome.loss is None and bool(outcome.skipped)
+    clean = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    F.cross_entropy(model(ids), y).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(clean, model.parameters()))
+
+
+@pytest.mark.parametrize("make", [lambda m: FGM(m), lambda m: PGD(m, steps=2), lambda m: AWP(m, adv_step=2), lambda m: FreeLB(m, embedding=EMB)])
+def test_weights_restored_and_hooks_removed_when_a_pass_raises(make):
+    torch.manual_seed(0)
+    model = TinyText()
+    ids, y = _batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        return F.cross_entropy(model(ids), y)
+
+    with pytest.raises(KeyError, match="boom"):
+        adversarial_backward(model, [make(model)], loss_fn)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not model.embeddings.word_embeddings._forward_hooks
+
+
+def test_fit_start_names_what_each_callback_attacks_and_progress_bar_shows_the_loss(caplog):
+    module = TextModule()
+    cbs = [FGMCallback(emb_name="embeddings"), FreeLBCallback(embedding="model." + EMB)]
+    t = trainer(max_epochs=1, callbacks=cbs)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        t.fit(module, loader(make_data(8)))
+    text = caplog.text
+    assert "FGMCallback attacks parameters model.embeddings.word_embeddings.weight from epoch 0" in text
+    assert "FreeLBCallback attacks the output of model.embeddings.word_embeddings from epoch 0" in text
+    assert {"adv/fgm_loss_step", "adv/freelb_loss_step"} <= set(t.progress_bar_metrics)
+
+
+def test_dataloader_iter_training_step_is_refused_at_setup():
+    class IterModule(TextModule):
+        def training_step(self, dataloader_iter):
+            ids, y = next(dataloader_iter)[0]
+            return F.cross_entropy(self.model(ids), y)
+
+    with pytest.raises(ValueError, match="dataloader_iter"):
+        trainer(max_epochs=1, callbacks=[PGDCallback(emb_name="word")]).fit(IterModule(), loader(make_data(8)))
+
+
+def test_freelb_without_an_embedding_module_lists_candidates():
+    with pytest.raises(ValueError, match=r"embedding=None.*get_input_embeddings.*Embedding modules: embeddings.word_embeddings"):
+        FreeLB(TinyText())
+    with pytest.raises(ValueError, match=r"no submodule 'nope'"):
+        FreeLB(TinyText(), embedding="nope")
