@@ -39,6 +39,7 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_adv  # noqa: E402,F401  (registers FGMCallback / AWPCallback as short callback names)
 from lightning_adv.callbacks.robust import RobustAccuracy  # noqa: E402
+from lightning_adv.core.robust import epsilon_key  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(HERE, "data", "sst2_sample")
@@ -168,7 +169,7 @@ class TSVDataModule(L.LightningDataModule):
         model_name_or_path: the tokenizer (linked to --model.model_name_or_path by the CLI).
         max_length: sentences are truncated to this many tokens.
         batch_size: training batch size.
-        eval_batch_size: validation and test batch size (the robust accuracy's perturbation is per batch).
+        eval_batch_size: validation and test batch size (the robust accuracy does not depend on it).
         train_subset: train on a random subset of this many training sentences (None: all of them).
         subset_seed: seed of that subset, independent of the training seed.
         num_workers: DataLoader workers.
@@ -250,15 +251,16 @@ def summary(metrics: Dict[str, Any], trainer: L.Trainer, robust: Optional[Robust
         for cb in trainer.callbacks
         if isinstance(cb, lightning_adv.AdversarialCallback)
     ]
-    eps = f"FGM epsilon={robust.epsilon:g}" if robust is not None else "no RobustAccuracy"
 
     def fmt(key: str) -> str:
         return f"{float(metrics[key]):.4f}" if key in metrics else "n/a"
 
-    return (
-        f"RESULT test clean accuracy = {fmt('test_acc')} | test robust accuracy ({eps}) = {fmt('test_robust_acc')} "
-        f"| training attack: {', '.join(attacks) or 'none'}"
-    )
+    if robust is None:
+        robust_text = "test robust accuracy (no RobustAccuracy) = n/a"
+    else:  # one value per epsilon: "... (FGM epsilon=1) = 0.61" or "... (FGM epsilon=0.5,1) = 0.70, 0.61"
+        values = ", ".join(fmt(f"test_robust_acc@{epsilon_key(e)}") for e in robust.epsilons)
+        robust_text = f"test robust accuracy ({robust.describe()}) = {values}"
+    return f"RESULT test clean accuracy = {fmt('test_acc')} | {robust_text} | training attack: {', '.join(attacks) or 'none'}"
 
 
 class SST2CLI(LightningCLI):

@@ -9,6 +9,7 @@ from lightning_adv.callbacks import (
     RobustAccuracy, SMARTCallback, in_adversarial_pass,
 )
 from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, GradientStash, Method, adversarial_backward
+from lightning_adv.fabric import adversarial_backward as fabric_adversarial_backward  # Lightning Fabric loops
 
 __version__ = "0.2.0"
 

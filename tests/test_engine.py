@@ -75,9 +75,9 @@ def test_fit_start_names_what_each_callback_attacks_and_progress_bar_shows_the_l
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         t.fit(module, loader(make_data(8)))
     text = caplog.text
-    assert "FGMCallback attacks parameters model.embeddings.word_embeddings.weight from epoch 0" in text
-    assert "FreeLBCallback attacks the output of model.embeddings.word_embeddings from epoch 0" in text
-    assert {"adv/fgm_loss_step", "adv/freelb_loss_step"} <= set(t.progress_bar_metrics)
+    assert "FGMCallback attacks 1 parameter (320 values): model.embeddings.word_embeddings.weight, from epoch 0" in text
+    assert "FreeLBCallback attacks the output of model.embeddings.word_embeddings, from epoch 0" in text
+    assert {"adv/fgm_loss", "adv/freelb_loss"} <= set(t.progress_bar_metrics)
 
 
 def test_dataloader_iter_training_step_is_refused_at_setup():

@@ -597,7 +597,7 @@ def _check_logged(module, method, losses, divisor=1.0, atol=1e-6):
     metrics = module.trainer.callback_metrics
     last = losses[-1]
     assert float(metrics[f"adv/{method}_loss_epoch"]) == pytest.approx(sum(last) / len(last) / divisor, abs=atol)
-    assert float(metrics[f"adv/{method}_loss_step"]) == pytest.approx(last[-1] / divisor, abs=atol)
+    assert float(metrics[f"adv/{method}_loss"]) == pytest.approx(last[-1] / divisor, abs=atol)
     total = sum(len(e) for e in losses)
     assert float(metrics[f"adv/{method}_attacks"]) == total and float(metrics[f"adv/{method}_skipped"]) == 0
 

@@ -514,7 +514,8 @@ def test_embedding_path_names_the_module() -> None:
     metrics = trainer(callbacks=[robust]).validate(RobustModule(trained()), eval_loader(rows), verbose=False)[0]
     assert metrics["val_robust_acc"] == pytest.approx(core(trained(), [collate(rows)], epsilon=1.0)["robust_acc"])
     assert robust.attack is not None and robust.attack.target.path == "model.embeddings.word_embeddings"
-    assert robust.describe() == "FGM l2 epsilon=1"
+    assert robust.describe() == "FGM epsilon=1"
+    assert RobustAccuracy(epsilon=[0.5, 1.0], norm_type="linf", steps=3).describe() == "PGD-3 linf epsilon=0.5,1"
 
 
 def test_stages_can_be_switched_off() -> None:

@@ -253,7 +253,7 @@ def test_lightning_with_accumulation_equals_reference(method, manual):
     for p, q in zip(module.model.parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
     assert cb.attacks == 4 and cb.skipped == 0
-    assert f"adv/{method}_loss_step" in t.progress_bar_metrics
+    assert f"adv/{method}_loss" in t.progress_bar_metrics
 
 
 @pytest.mark.parametrize("callback", [lambda: R3FCallback(eps=1e-2, embedding="model." + EMB), lambda: SMARTCallback(embedding="model." + EMB)])

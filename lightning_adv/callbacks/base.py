@@ -32,8 +32,13 @@ class AdversarialCallback(Callback):
     restored afterwards, or call the module's ``adversarial_loss(batch, batch_idx)`` if it defines one. Their
     losses are divided by ``accumulate_grad_batches`` and go through the GradScaler, like the clean one.
 
-    Logs ``adv/<name>_loss`` (progress bar; ``_step`` and ``_epoch`` columns), and at the end of every epoch in
-    which it attacked, the running totals ``adv/<name>_attacks`` and ``adv/<name>_skipped``.
+    Logs, under the method's name (``fgm``, ``awp``, ``pgd``, ``freelb``, ``smart``, ``r3f``):
+
+    * ``adv/<name>_loss`` every attacked step, on the progress bar: the loss of the last adversarial pass (SMART,
+      R3F: the divergence they add), as returned by the step (before the division by ``accumulate_grad_batches``);
+    * at the end of every epoch in which it attacked: ``adv/<name>_loss_epoch`` (the mean of that epoch's
+      ``adv/<name>_loss``), and the running totals over the run (resumes included) ``adv/<name>_attacks`` (attacked
+      micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
     """
 
     def __init__(self, start_epoch: NonNegativeInt = 0) -> None:
@@ -42,7 +47,7 @@ class AdversarialCallback(Callback):
         self.method: Optional[Method] = None
         self._counts: Optional[torch.Tensor] = None  # [attacks, skipped] of this run, on the device
         self._restored = [0, 0]
-        self._attacked_epoch = False
+        self._epoch_loss: Optional[torch.Tensor] = None  # [sum, count] of this epoch's adversarial losses
 
     # -- what a subclass provides ---------------------------------------------------------------------------
     def build_method(self, pl_module: torch.nn.Module) -> Method:
@@ -86,10 +91,12 @@ class AdversarialCallback(Callback):
             self._counts = torch.zeros(2, dtype=torch.long, device=device)
         self._counts[0] += 1
         self._counts[1] += outcome.skipped.to(self._counts.device)
-        self._attacked_epoch = True
+        if self._epoch_loss is None:
+            self._epoch_loss = torch.zeros(2, dtype=torch.float32, device=self._counts.device)
         if outcome.loss is not None:
-            name = self.method.name if self.method is not None else "adv"
-            pl_module.log(f"adv/{name}_loss", outcome.loss.float(), on_step=True, on_epoch=True, prog_bar=True, batch_size=1)
+            loss = outcome.loss.detach().float()
+            self._epoch_loss += torch.stack([loss, torch.ones_like(loss)])
+            pl_module.log(f"adv/{self._name()}_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -122,7 +129,7 @@ class AdversarialCallback(Callback):
             self.method = self.build_method(pl_module)
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
-        rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()} from epoch {self.start_epoch}.")
+        rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, from epoch {self.start_epoch}.")
         if self._leads(trainer):
             coordinator_of(trainer).start_fit(pl_module)
 
@@ -149,13 +156,17 @@ class AdversarialCallback(Callback):
             coordinator_of(trainer).close()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._counts is None or not self._attacked_epoch:
+        if self._counts is None or self._epoch_loss is None:
             return
-        self._attacked_epoch = False
-        name = self.method.name if self.method is not None else "adv"
+        epoch, self._epoch_loss = self._epoch_loss, None
+        name = self._name()
         totals = self._counts.float() + torch.tensor(self._restored, dtype=torch.float32, device=self._counts.device)
-        pl_module.log_dict({f"adv/{name}_attacks": totals[0], f"adv/{name}_skipped": totals[1]},
-                           on_step=False, on_epoch=True, batch_size=1)
+        logged = {f"adv/{name}_attacks": totals[0], f"adv/{name}_skipped": totals[1]}
+        logged[f"adv/{name}_loss_epoch"] = epoch[0] / epoch[1].clamp_min(1)  # 0 when every attack was skipped
+        pl_module.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
+
+    def _name(self) -> str:
+        return self.method.name if self.method is not None else "adv"
 
     def _leads(self, trainer: Trainer) -> bool:
         group = adversarial_callbacks(trainer)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_adv.core.checks import check_int
-from lightning_adv.core.robust import EmbeddingAttack, check_attack_args
+from lightning_adv.core.robust import EmbeddingAttack, check_attack_args, epsilon_key
 
 PROTOCOL = "robust_forward"
 
@@ -115,9 +115,12 @@ class RobustAccuracy(Callback):
         """Batches evaluated under attack so far (all stages)."""
 
     def describe(self) -> str:
-        """The attack in words, e.g. ``"FGM l2 epsilon=1"`` or ``"PGD-3 linf epsilon=0.5,1"``."""
-        kind = "FGM" if self.steps == 1 else f"PGD-{self.steps}"
-        return f"{kind} {self.norm_type} epsilon={','.join(f'{e:g}' for e in self.epsilons)}"
+        """The attack in words: ``"FGM epsilon=1"``, ``"PGD-3 linf epsilon=0.5,1"`` (the norm said when not l2)."""
+        parts = ["FGM" if self.steps == 1 else f"PGD-{self.steps}"]
+        if self.norm_type != "l2":
+            parts.append(self.norm_type)
+        parts.append(f"epsilon={','.join(epsilon_key(e) for e in self.epsilons)}")
+        return " ".join(parts)
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

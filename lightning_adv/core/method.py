@@ -104,7 +104,10 @@ class ParameterMethod(Method):
         return [p for _, p in self.named_params]
 
     def describe(self) -> str:
-        return "parameters " + ", ".join(name for name, _ in self.named_params)
+        names = [name for name, _ in self.named_params]
+        values = sum(p.numel() for _, p in self.named_params)
+        shown = names if len(names) <= 5 else names[:4] + [f"... ({len(names) - 5} more)", names[-1]]
+        return f"{len(names)} parameter{'s' * (len(names) != 1)} ({values:,} values): {', '.join(shown)}"
 
     def saved_bytes(self) -> int:
         """Bytes held by the saved state while an attack is under way (0 outside of one)."""
