@@ -1,4 +1,4 @@
-"""Plain re-implementations of the reference FGM, AWP, PGD and FreeLB snippets, written from the algorithms.
+"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F and SMART snippets, written from the algorithms.
 
 They keep the snippets' structure on purpose (a Python loop over named parameters, host-side checks such as
 ``if norm != 0``, ``param.data = ...`` rebinding, three saved weight-sized copies for AWP, a copy of every
@@ -7,20 +7,27 @@ practitioners paste into their projects. The tests use them as the numerical ref
 the cost baseline. ``RefAWP.attack_backward`` and ``RefPGD.attack_backward`` take the loss closure and the
 backward function (the snippets hard-code ``model(x, y, attention_mask)``, autocast and
 ``scaler.scale(loss).backward()``); ``RefFreeLB.attack_backward`` takes the batch, a forward that returns the
-loss from keyword inputs, and the backward function.
+loss from keyword inputs, and the backward function; ``RefR3F.attack_backward`` and ``RefSMART.attack_backward``
+take the batch, a forward that returns the model's output (``.loss`` when ``labels`` are given, ``.logits``) from
+keyword inputs (a ``transformers`` model itself), and the backward function, and run the whole micro-batch.
 
 Sources of the algorithms: FGM and AWP as in the competition write-ups; PGD as ``PGD`` in bert4torch
 (``bert4torch/callbacks.py``, fyubang's competition snippet); FreeLB as ``freelb_train_step`` of zhuchen03/FreeLB
 (``fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py``) in the form of its HuggingFace port (the perturbation
-added to ``model.get_input_embeddings()(input_ids)`` and passed as ``inputs_embeds``).
+added to ``model.get_input_embeddings()(input_ids)`` and passed as ``inputs_embeds``); R3F as the criterion
+``sentence_prediction_r3f`` of fairseq (``examples/rxf``), moved to a HuggingFace model the usual way (the token
+embeddings computed once and passed as ``inputs_embeds``); SMART as ``SmartPerturbation`` of namisan/mt-dnn
+(``mt_dnn/perturbation.py``, with ``stable_kl`` and ``SymKlCriterion`` of ``mt_dnn/loss.py``) and mt-dnn's
+``loss + adv_alpha * adv_loss``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class RefFGM:
@@ -213,3 +220,137 @@ class RefFreeLB:
                     delta = torch.clamp(delta, -self.adv_max_norm, self.adv_max_norm).detach()
             embeds_init = self.model.get_input_embeddings()(input_ids)
         return total
+
+
+def _kl_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The snippets compute their divergences in float32 (``dtype=torch.float32``, ``.float()``); float64 logits
+    (the equality tests) keep float64."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class RefR3F:
+    """R3F as practitioners write it from fairseq's ``sentence_prediction_r3f``, on a HuggingFace model::
+
+        token_embeddings = model.get_input_embeddings()(input_ids)
+        out = model(inputs_embeds=token_embeddings, attention_mask=..., labels=...)        # clean: loss, logits
+        noise = U(-eps, eps) on the real tokens
+        noised_logits = model(inputs_embeds=token_embeddings.detach().clone() + noise, attention_mask=...).logits
+        (out.loss + r3f_lambda * symmetric_kl(noised_logits, out.logits)).backward()
+
+    ``symmetric_kl``: ``KL(p_clean || p_noised) + KL(p_noised || p_clean)`` summed over the classes, divided by the
+    batch size, gradients through both logits. fairseq sums the cross entropy and multiplies the KL by the sample
+    size; with the batch-mean loss of a HuggingFace model both terms are divided by the batch size instead.
+    """
+
+    def __init__(
+        self, model: nn.Module, eps: float, r3f_lambda: float, noise_type: str = "uniform",
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        self.model, self.eps, self.r3f_lambda, self.noise_type, self.generator = model, eps, r3f_lambda, noise_type, generator
+
+    @staticmethod
+    def symmetric_kl(noised_logits: torch.Tensor, input_logits: torch.Tensor) -> torch.Tensor:
+        t = _kl_dtype(noised_logits)
+        forward_kl = F.kl_div(F.log_softmax(noised_logits, dim=-1, dtype=t), F.softmax(input_logits, dim=-1, dtype=t),
+                              reduction="sum")
+        backward_kl = F.kl_div(F.log_softmax(input_logits, dim=-1, dtype=t), F.softmax(noised_logits, dim=-1, dtype=t),
+                               reduction="sum")
+        return (forward_kl + backward_kl) / noised_logits.size(0)
+
+    def attack_backward(self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., Any], backward: Any) -> torch.Tensor:
+        """The whole micro-batch; returns the regularised loss (detached)."""
+        input_ids = inputs["input_ids"]
+        others = {k: v for k, v in inputs.items() if k != "input_ids"}
+        unlabelled = {k: v for k, v in others.items() if k != "labels"}
+        token_embeddings = self.model.get_input_embeddings()(input_ids)
+        out = forward(inputs_embeds=token_embeddings, **others)
+        loss, input_logits = out.loss, out.logits
+        noise = torch.empty_like(token_embeddings)
+        if self.noise_type == "uniform":
+            noise.uniform_(-self.eps, self.eps, generator=self.generator)
+        else:
+            noise.normal_(0.0, self.eps, generator=self.generator)
+        noise = noise * inputs["attention_mask"].unsqueeze(-1).to(noise)  # the real tokens only
+        noised_embeddings = token_embeddings.detach().clone() + noise
+        noised_logits = forward(inputs_embeds=noised_embeddings, **unlabelled).logits
+        loss = loss + self.r3f_lambda * self.symmetric_kl(noised_logits, input_logits)
+        backward(loss)
+        return loss.detach()
+
+
+class RefSMART:
+    """SMART as mt-dnn's ``SmartPerturbation`` plus the training step around it::
+
+        embed = model.get_input_embeddings()(input_ids)
+        out = model(inputs_embeds=embed, ..., labels=...)                   # clean: loss, logits
+        noise = N(0, 1) * noise_var on the real tokens, requires_grad
+        for _ in range(steps):
+            adv_logits = model(inputs_embeds=embed + noise, ...).logits
+            delta_grad, = torch.autograd.grad(stable_kl(adv_logits, logits.detach(), reduce=False), noise)
+            if delta_grad.norm() is nan or inf: no regulariser this step    # a host-side check, as mt-dnn
+            noise = normalise(noise + step_size * delta_grad).detach().requires_grad_()   # per token
+        adv_logits = model(inputs_embeds=embed + noise, ...).logits
+        (out.loss + adv_alpha * SymKlCriterion(logits, adv_logits)).backward()
+
+    ``embed`` keeps its graph: the adversarial branch trains the word embeddings too (as in mt-dnn).
+    """
+
+    def __init__(
+        self, model: nn.Module, adv_alpha: float = 1.0, step_size: float = 1e-3, noise_var: float = 1e-5,
+        epsilon: float = 1e-6, steps: int = 1, norm: str = "inf", generator: Optional[torch.Generator] = None,
+    ) -> None:
+        self.model, self.adv_alpha, self.step_size, self.noise_var = model, adv_alpha, step_size, noise_var
+        self.epsilon, self.steps, self.norm, self.generator = epsilon, steps, norm, generator
+
+    @staticmethod
+    def stable_kl(logit: torch.Tensor, target: torch.Tensor, epsilon: float = 1e-6, reduce: bool = True) -> torch.Tensor:
+        t = _kl_dtype(logit)
+        logit = logit.view(-1, logit.size(-1)).to(t)
+        target = target.view(-1, target.size(-1)).to(t)
+        p, y = F.log_softmax(logit, 1).exp(), F.log_softmax(target, 1).exp()
+        rp = -(1.0 / (p + epsilon) - 1 + epsilon).detach().log()
+        ry = -(1.0 / (y + epsilon) - 1 + epsilon).detach().log()
+        total = (p * (rp - ry) * 2).sum()
+        return total / logit.size(0) if reduce else total
+
+    @staticmethod
+    def sym_kl(logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+        """``SymKlCriterion(input=logits, target=adv_logits)``: each KL differentiates its log side only."""
+        t = _kl_dtype(logits)
+        logits, adv_logits = logits.to(t), adv_logits.to(t)
+        return F.kl_div(F.log_softmax(logits, dim=-1), F.softmax(adv_logits.detach(), dim=-1), reduction="batchmean") + \
+            F.kl_div(F.log_softmax(adv_logits, dim=-1), F.softmax(logits.detach(), dim=-1), reduction="batchmean")
+
+    def norm_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.norm == "l2":
+            return grad / (torch.norm(grad, dim=-1, keepdim=True) + self.epsilon)
+        if self.norm == "l1":
+            return grad.sign()
+        return grad / (grad.abs().max(-1, keepdim=True)[0] + self.epsilon)
+
+    def attack_backward(self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., Any], backward: Any) -> torch.Tensor:
+        """The whole micro-batch; returns the regularised loss (detached)."""
+        input_ids = inputs["input_ids"]
+        others = {k: v for k, v in inputs.items() if k != "input_ids"}
+        unlabelled = {k: v for k, v in others.items() if k != "labels"}
+        embed = self.model.get_input_embeddings()(input_ids)
+        out = forward(inputs_embeds=embed, **others)
+        loss, logits = out.loss, out.logits
+        noise = torch.empty_like(embed).normal_(0, 1, generator=self.generator) * self.noise_var
+        noise = (noise * inputs["attention_mask"].unsqueeze(-1).to(noise)).detach()
+        noise.requires_grad_()
+        for _ in range(self.steps):
+            adv_logits = forward(inputs_embeds=embed + noise, **unlabelled).logits
+            adv_loss = self.stable_kl(adv_logits, logits.detach(), reduce=False)
+            (delta_grad,) = torch.autograd.grad(adv_loss, noise, only_inputs=True, retain_graph=False)
+            norm = delta_grad.norm()
+            if torch.isnan(norm) or torch.isinf(norm):
+                backward(loss)
+                return loss.detach()
+            noise = self.norm_grad(noise + delta_grad * self.step_size)
+            noise = noise.detach()
+            noise.requires_grad_()
+        adv_logits = forward(inputs_embeds=embed + noise, **unlabelled).logits
+        loss = loss + self.adv_alpha * self.sym_kl(logits, adv_logits)
+        backward(loss)
+        return loss.detach()

@@ -6,12 +6,20 @@ sentence?), so the numbers only show the mechanics: how often each attack ran an
 
 from __future__ import annotations
 
+import os
+import sys
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_adv import AWPCallback, FGMCallback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quiet import quiet  # noqa: E402
+
+quiet()
 
 
 class TinyBert(L.LightningModule):
