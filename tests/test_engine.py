@@ -95,3 +95,14 @@ def test_freelb_without_an_embedding_module_lists_candidates():
         FreeLB(TinyText())
     with pytest.raises(ValueError, match=r"no submodule 'nope'"):
         FreeLB(TinyText(), embedding="nope")
+
+
+def test_awp_start_step_attacks_from_that_optimizer_step_on():
+    from lightning_adv import AWPCallback
+
+    cb = AWPCallback(adv_lr=0.5, adv_eps=0.01, start_step=3)
+    t = trainer(max_epochs=1, callbacks=[cb], accumulate_grad_batches=2)
+    t.fit(TextModule(), loader(make_data(32)))  # 8 micro-batches, 4 optimizer steps: steps 3 (2 micro-batches)
+    assert cb.attacks == 2
+    with pytest.raises(ValueError, match=r"start_step=-1"):
+        AWPCallback(start_step=-1)

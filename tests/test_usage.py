@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import CLASSES, TextModule, TinyText, loader, make_data, trainer
+from helpers import TextModule, loader, make_data, trainer
 from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, in_adversarial_pass
 
 transformers = pytest.importorskip("transformers")
@@ -172,7 +172,7 @@ def test_freelb_finds_the_input_embedding_of_real_architectures(arch):
     assert cb.attacks == 2 and cb.skipped == 0
     steps_run = len(module.losses)
     assert steps_run == 2 * 3 and sum(a for a, _ in module.losses) == 2 * 2  # clean + 2 ascent passes per step
-    # one perturbed call per forward; a T5 decoder re-uses the shared embedding and is left alone
+    # one perturbed call per forward (the T5 decoder embeds with its own module, tied to the same matrix)
     assert cb.method.target.calls == steps_run
     assert len(calls) == steps_run
     after = params_of(module)
@@ -261,7 +261,7 @@ def test_lora_trains_with_freelb_and_weight_space_attack_is_refused():
     assert cb.method.target.path.endswith("bert.embeddings.word_embeddings") and cb.method.target.calls == 6
     after = params_of(module)
     lora = [n for n in trainable if "lora_" in n]
-    assert lora and all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n or "lora_A" in n)
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora)
     frozen = [n for n in before if n not in trainable]
     assert len(frozen) > 10 and all(torch.equal(before[n], after[n]) for n in frozen)
 

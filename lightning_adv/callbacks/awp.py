@@ -18,8 +18,8 @@ class AWPCallback(AdversarialCallback):
     ``adv_lr * g / (||g|| + 1e-6) * (||w|| + 1e-6)``, each element kept within ``adv_eps * |w|`` of its
     saved value, for ``adv_step`` passes; the micro-batch's gradient is replaced by the one of the last
     pass and the weights are restored exactly (:class:`~lightning_adv.core.AWP`). Gradients of earlier
-    micro-batches (accumulation) are kept. AWP is usually started once the model is past its first epoch
-    (``start_epoch=1``): from a random head it can push training into a single class.
+    micro-batches (accumulation) are kept. AWP is usually started once the model is past a warm-up
+    (``start_epoch=1``, or ``start_step``): from a random head it can push training into a single class.
     Logs ``adv/awp_loss``, ``adv/awp_attacks`` and ``adv/awp_skipped``.
 
     Args:
@@ -28,6 +28,7 @@ class AWPCallback(AdversarialCallback):
         adv_eps: bound of each element's perturbation relative to its absolute value (>= 0).
         start_epoch: first epoch (counted from 0) that is attacked.
         adv_step: number of adversarial passes (>= 1).
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
 
     Example::
 
@@ -44,13 +45,13 @@ class AWPCallback(AdversarialCallback):
 
     def __init__(
         self, adv_param: ParameterPattern = "weight", adv_lr: NonNegativeFloat = 1.0, adv_eps: NonNegativeFloat = 0.2,
-        start_epoch: NonNegativeInt = 0, adv_step: PositiveInt = 1
+        start_epoch: NonNegativeInt = 0, adv_step: PositiveInt = 1, start_step: NonNegativeInt = 0
     ) -> None:
         owner = type(self).__name__
         check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)
         check_int(owner, "adv_step", adv_step, 1, "the number of adversarial passes")
         check_pattern(owner, "adv_param", adv_param)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step)
         self.adv_param, self.adv_lr, self.adv_eps, self.adv_step = adv_param, adv_lr, adv_eps, adv_step
 
     def target_key(self) -> Dict[str, Any]:

@@ -41,9 +41,11 @@ class AdversarialCallback(Callback):
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
     """
 
-    def __init__(self, start_epoch: NonNegativeInt = 0) -> None:
+    def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
+        check_int(type(self).__name__, "start_step", start_step, 0, "the first optimizer step, counted from 0, that is attacked")
         self.start_epoch = start_epoch
+        self.start_step = start_step
         self.method: Optional[Method] = None
         self._counts: Optional[torch.Tensor] = None  # [attacks, skipped] of this run, on the device
         self._restored = [0, 0]
@@ -82,7 +84,12 @@ class AdversarialCallback(Callback):
 
     def wants_attack(self, trainer: Trainer) -> bool:
         """Whether this callback attacks the current micro-batch."""
-        return self.method is not None and self.method.enabled() and trainer.current_epoch >= self.start_epoch
+        return (
+            self.method is not None
+            and self.method.enabled()
+            and trainer.current_epoch >= self.start_epoch
+            and trainer.global_step >= self.start_step
+        )
 
     def record(self, outcome: Outcome, pl_module: LightningModule) -> None:
         """Count one attack and log its loss (one ``self.log`` per step; the counters once per epoch)."""
@@ -129,7 +136,8 @@ class AdversarialCallback(Callback):
             self.method = self.build_method(pl_module)
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
-        rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, from epoch {self.start_epoch}.")
+        when = f"from epoch {self.start_epoch}" + (f" and step {self.start_step}" if self.start_step else "")
+        rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, {when}.")
         if self._leads(trainer):
             coordinator_of(trainer).start_fit(pl_module)
 
