@@ -7,20 +7,25 @@ step of
 
 * a hand-written loop without attack (``plain``) and a plain forward+backward of the same batch (``fwd_bwd``,
   no optimizer step: the unit of cost),
-* the same loop with the reference FGM / AWP / PGD / FreeLB snippets (``ref_<method>``: the baseline
-  practitioners paste, see ``reference_snippets.py``),
+* the same loop with the reference FGM / AWP / PGD / FreeLB / R3F / SMART snippets (``ref_<method>``: the
+  baseline practitioners paste, see ``reference_snippets.py``),
 * the same loop with our core :class:`~lightning_adv.FGM`, :class:`~lightning_adv.AWP`, :class:`~lightning_adv.PGD`
-  (``method.attack_backward(closure, backward)`` after the clean backward) and :class:`~lightning_adv.FreeLB`
-  (``lightning_adv.core.adversarial_backward(model, [freelb], loss_fn, backward)``: the whole micro-batch,
-  since FreeLB perturbs the clean pass too) (``ours_<method>``),
+  (``method.attack_backward(closure, backward)`` after the clean backward) and :class:`~lightning_adv.FreeLB`,
+  :class:`~lightning_adv.R3F`, :class:`~lightning_adv.SMART`
+  (``lightning_adv.core.adversarial_backward(model, [method], loss_fn, backward)``: the whole micro-batch, since
+  FreeLB perturbs the clean pass too and R3F / SMART need the clean logits; their ``loss_fn`` returns
+  ``{"loss", "logits"}``) (``ours_<method>``),
 * Lightning without attack (``L_plain``) and with :class:`~lightning_adv.FGMCallback`,
-  :class:`~lightning_adv.AWPCallback`, :class:`~lightning_adv.PGDCallback`, :class:`~lightning_adv.FreeLBCallback`
-  (``L_<method>``), timed by a callback from ``on_train_batch_start`` to ``on_train_batch_end``,
+  :class:`~lightning_adv.AWPCallback`, :class:`~lightning_adv.PGDCallback`, :class:`~lightning_adv.FreeLBCallback`,
+  :class:`~lightning_adv.R3FCallback`, :class:`~lightning_adv.SMARTCallback` (``L_<method>``; the module's
+  ``training_step`` always returns ``{"loss", "logits"}``), timed by a callback from ``on_train_batch_start`` to
+  ``on_train_batch_end``,
 
 and reports the extra cost of an attack in units of one forward+backward::
 
     X = (T_attack - T_plain) / T_fwd+bwd
-    (physical limit: 1.00 for FGM and AWP with adv_step=1, 3.00 for PGD with steps=3, 2.00 for FreeLB with adv_steps=2)
+    (physical limit: 1.00 for FGM and AWP with adv_step=1, 3.00 for PGD with steps=3, 2.00 for FreeLB with adv_steps=2,
+     1.00 for R3F (one noisy forward and its backward), 2.00 for SMART with steps=1 (an ascent pass and a final pass))
 
 with each T the median over all timed steps of the variant and a 90% bootstrap interval over rounds. It also
 reports the attack's own arithmetic timed alone, where the Lightning callbacks' time goes, the bytes of each
@@ -30,9 +35,9 @@ resident memory of a few training steps of a ~110M-parameter BERT.
 Usage::
 
     nice -n 5 python benchmarks/attack_cost.py --models small,minilm --rounds small:13,minilm:9 \
-        --steps small:3,minilm:2 --threads 1 --out benchmarks/results/attack_cost.md -v   # ~30 min on 2 cores
+        --steps small:3,minilm:2 --threads 1 --out benchmarks/results/attack_cost.md -v   # ~2 h on 2 cores
     python benchmarks/attack_cost.py --quick             # a tiny BERT, ~20 s (the smoke test)
-    python benchmarks/attack_cost.py --methods fgm,pgd   # a subset of the methods
+    python benchmarks/attack_cost.py --methods r3f,smart # a subset of the methods
     python benchmarks/attack_cost.py --device cuda --precision bf16   # + host-device synchronisation counts
 
 On CUDA, the number of host-device synchronisations inside the attack arithmetic (the loss closure and the
@@ -68,7 +73,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from reference_snippets import RefAWP, RefFGM, RefFreeLB, RefPGD  # noqa: E402
+from reference_snippets import RefAWP, RefFGM, RefFreeLB, RefPGD, RefR3F, RefSMART  # noqa: E402
 
 # -- configuration ----------------------------------------------------------------------------------------------
 
@@ -87,6 +92,8 @@ FGM_KW = dict(epsilon=1.0, emb_name="word_embeddings")
 AWP_KW = dict(adv_param="weight", adv_lr=1.0, adv_eps=0.2, adv_step=1)
 PGD_KW = dict(epsilon=1.0, alpha=0.3, steps=3, emb_name="word_embeddings")
 FREELB_KW = dict(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6)  # adv_max_norm=0 (unbounded), norm_type="l2"
+R3F_KW = dict(eps=1e-5, r3f_lambda=1.0)  # noise_type="uniform"
+SMART_KW = dict(adv_alpha=1.0, steps=1)  # step_size=1e-3, noise_var=1e-5, epsilon=1e-6, norm="inf"
 LR = 2e-5
 
 # every method: its arguments, its label in the tables, the number of adversarial passes (the physical limit of X)
@@ -96,9 +103,19 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "pgd": dict(kw=PGD_KW, label=f"PGD (steps={PGD_KW['steps']})", limit=PGD_KW["steps"], callback="PGDCallback"),
     "freelb": dict(kw=FREELB_KW, label=f"FreeLB (adv_steps={FREELB_KW['adv_steps']})", limit=FREELB_KW["adv_steps"],
                    callback="FreeLBCallback"),
+    # one noisy forward and the backward through it (cut at the embedding output)
+    "r3f": dict(kw=R3F_KW, label="R3F", limit=1, callback="R3FCallback"),
+    # each ascent step: a forward and a gradient w.r.t. delta; then the final forward and its backward
+    "smart": dict(kw=SMART_KW, label=f"SMART (steps={SMART_KW['steps']})", limit=SMART_KW["steps"] + 1,
+                  callback="SMARTCallback"),
 }
-PARAMETER_METHODS = ("fgm", "awp", "pgd")  # save a copy of parameters; FreeLB perturbs activations
-ARITHMETIC_METHODS = ("fgm", "awp", "pgd")  # FreeLB's arithmetic runs inside the forward (a hook): not timed alone
+PARAMETER_METHODS = ("fgm", "awp", "pgd")  # save a copy of parameters; the others perturb the embedding output
+# their arithmetic runs inside the forward (a hook) or between the passes: not timed alone
+ARITHMETIC_METHODS = ("fgm", "awp", "pgd")
+# the whole micro-batch through adversarial_backward (ours) / the snippet (baseline): FreeLB perturbs the clean pass,
+# R3F and SMART extend the clean loss with a divergence from the clean logits
+WHOLE_STEP_METHODS = ("freelb", "r3f", "smart")
+LOGITS_METHODS = ("r3f", "smart")  # need {"loss", "logits"} from the loss closure
 
 
 def loop_variants(methods: Sequence[str]) -> List[str]:
@@ -249,7 +266,7 @@ class Loop:
     """A hand-written training loop on one fixed batch: AdamW, optional autocast and GradScaler."""
 
     def __init__(self, model: nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, precision: str) -> None:
-        from lightning_adv import AWP, FGM, PGD, FreeLB
+        from lightning_adv import AWP, FGM, PGD, R3F, SMART, FreeLB
 
         self.model, self.batch, self.device, self.precision = model, batch, device, precision
         self.opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -258,10 +275,11 @@ class Loop:
         self.sync = SyncCounter(device)
         self.ours: Dict[str, Any] = dict(
             fgm=FGM(model, **FGM_KW), awp=AWP(model, **AWP_KW), pgd=PGD(model, **PGD_KW), freelb=FreeLB(model, **FREELB_KW),
+            r3f=R3F(model, **R3F_KW), smart=SMART(model, **SMART_KW),
         )
         self.ref: Dict[str, Any] = dict(
             fgm=RefFGM(model, **FGM_KW), awp=RefAWP(model, **AWP_KW), pgd=RefPGD(model, **PGD_KW),
-            freelb=RefFreeLB(model, **FREELB_KW),
+            freelb=RefFreeLB(model, **FREELB_KW), r3f=RefR3F(model, **R3F_KW), smart=RefSMART(model, **SMART_KW),
         )
         self.probe: Optional[Callable[[], None]] = None
 
@@ -290,12 +308,28 @@ class Loop:
         with self.sync.paused():
             return self.loss()
 
+    def logits_closure(self) -> Dict[str, torch.Tensor]:
+        """The loss and the logits (R3F, SMART: every pass); not counted for syncs."""
+        if self.probe is not None:
+            self.probe()
+        with self.sync.paused(), self.autocast():
+            out = self.model(**self.batch)
+        return {"loss": out.loss, "logits": out.logits}
+
     def forward_kw(self, **inputs: torch.Tensor) -> torch.Tensor:
         """The loss from keyword inputs (RefFreeLB's ``inputs_embeds``); not counted for syncs."""
         if self.probe is not None:
             self.probe()
         with self.sync.paused(), self.autocast():
             return self.model(**inputs).loss
+
+    def forward_out(self, **inputs: torch.Tensor) -> Any:
+        """The model's output (``.loss``, ``.logits``) from keyword inputs (RefR3F's and RefSMART's
+        ``inputs_embeds``); not counted for syncs."""
+        if self.probe is not None:
+            self.probe()
+        with self.sync.paused(), self.autocast():
+            return self.model(**inputs)
 
     def adv_backward(self, loss: torch.Tensor) -> None:
         if self.probe is not None:  # the state during the pass (FreeLB's delta exists once the forward ran)
@@ -316,10 +350,11 @@ class Loop:
         self.optimizer_step()
 
     def ref_step(self, method: str) -> None:
-        if method == "freelb":  # the snippet runs the whole micro-batch, its clean pass included
+        if method in WHOLE_STEP_METHODS:  # the snippet runs the whole micro-batch, its clean pass included
             self.opt.zero_grad(set_to_none=True)
+            forward = self.forward_out if method in LOGITS_METHODS else self.forward_kw
             with self.sync.counting():
-                self.ref["freelb"].attack_backward(self.batch, self.forward_kw, self.adv_backward)
+                self.ref[method].attack_backward(self.batch, forward, self.adv_backward)
             self.optimizer_step()
             return
         self.clean()
@@ -336,10 +371,11 @@ class Loop:
     def ours_step(self, method: str, mode: str = "warn") -> None:
         from lightning_adv.core import adversarial_backward
 
-        if method == "freelb":  # FreeLB needs the whole micro-batch: its clean pass runs at delta0
+        if method in WHOLE_STEP_METHODS:  # FreeLB: its clean pass runs at delta0; R3F, SMART: from the clean logits
             self.opt.zero_grad(set_to_none=True)
+            closure = self.logits_closure if method in LOGITS_METHODS else self.closure
             with self.sync.counting(mode):
-                adversarial_backward(self.model, [self.ours["freelb"]], self.closure, self.adv_backward)
+                adversarial_backward(self.model, [self.ours[method]], closure, self.adv_backward)
             self.optimizer_step()
             return
         self.clean()
@@ -414,19 +450,20 @@ def saved_state(loop: Loop, methods: Sequence[str]) -> Dict[str, Any]:
         loop.ref_step(method)
         loop.probe = None
         out[method] = dict(perturbed=perturbed, grads=grads, ours=seen["ours"], ref=seen["ref"])
-    if "freelb" in methods:  # no saved copy: both keep the per-example perturbation delta [B, T, H] between passes
-        freelb = loop.ours["freelb"]
+    for method in [m for m in methods if m not in PARAMETER_METHODS]:
+        # no saved copy: both keep the per-example perturbation delta [B, T, H] between passes (R3F: the noise)
+        target = loop.ours[method].target
         seen_delta: Dict[str, int] = {}
 
         def probe() -> None:
-            delta = freelb.target.delta
+            delta = target.delta
             if delta is not None:
                 seen_delta["delta"] = max(seen_delta.get("delta", 0), tensor_bytes([delta]))
 
         loop.probe = probe
-        loop.ours_step("freelb")
+        loop.ours_step(method)
         loop.probe = None
-        out["freelb"] = dict(delta=seen_delta.get("delta", 0))
+        out[method] = dict(delta=seen_delta.get("delta", 0))
     loop.opt.zero_grad(set_to_none=True)
     return out
 
@@ -466,9 +503,12 @@ class Breakdown:
       ``on_after_backward``, ``on_train_batch_end``), everything it does;
     * ``batch_start``: ``Coordinator.batch_start`` (the plan, the copy of the batch's containers, the
       ``AttackStep`` and the methods' ``prepare``); ``engine``: ``Coordinator.after_backward`` (the whole attack);
-    * ``attack``: ``callback.method.run(step)`` (the method's passes and arithmetic);
-    * ``pass`` / ``backward``: ``step.forward`` / ``step.backward`` called by the method (the re-run of the step
-      through the strategy, with the gradient merge before the last pass; the backward through the precision plugin);
+    * ``attack``: ``callback.method.run(step)`` (the method's passes and arithmetic, after the clean backward);
+    * ``prepass``: ``callback.method.before_backward(step, clean)`` (R3F, SMART: their passes and arithmetic, between
+      the clean forward and its backward; nothing for the others), inside the callback's ``on_before_backward``;
+    * ``pass`` / ``backward``: ``step.forward`` and ``step.extra_forward`` / ``step.backward`` called by the method
+      (the re-run of the step through the strategy, with the gradient merge before the last pass; the backward
+      through the precision plugin);
     * ``forward`` / ``autograd``: the model's forward in ``training_step`` and ``LightningModule.backward``, while
       ``lightning_adv.in_adversarial_pass(module)``;
     * ``record``: ``callback.record`` (counters and ``self.log`` of the adversarial loss); ``guard``: the
@@ -476,8 +516,8 @@ class Breakdown:
       ``after_backward``, ``guard_before`` outside it (around the methods' ``before_backward``).
     """
 
-    BUCKETS = ("hooks", "batch_start", "engine", "attack", "pass", "forward", "backward", "autograd", "record", "guard",
-               "guard_before")
+    BUCKETS = ("hooks", "batch_start", "engine", "attack", "prepass", "pass", "forward", "backward", "autograd", "record",
+               "guard", "guard_before")
 
     def __init__(self) -> None:
         self.current: Dict[str, float] = dict.fromkeys(self.BUCKETS, 0.0)
@@ -539,16 +579,26 @@ class Breakdown:
 
             guard.preserved = preserved
         method = callback.method
-        run = method.run
+        run, before_backward = method.run, method.before_backward
 
-        def timed_run(step: Any) -> Any:
+        def wrap_step(step: Any) -> None:
             if "forward" not in vars(step):  # once per AttackStep: the passes the methods run through it
                 self.wrap(step, "forward", "pass")
+                self.wrap(step, "extra_forward", "pass")
                 self.wrap(step, "backward", "backward")
+
+        def timed_run(step: Any) -> Any:
+            wrap_step(step)
             with self.timing("attack"):
                 return run(step)
 
+        def timed_before_backward(step: Any, clean: Any) -> Any:
+            wrap_step(step)
+            with self.timing("prepass"):
+                return before_backward(step, clean)
+
         method.run = timed_run
+        method.before_backward = timed_before_backward
 
 
 def lightning_parts(sync: SyncCounter) -> Dict[str, Any]:
@@ -569,12 +619,13 @@ def lightning_parts(sync: SyncCounter) -> Dict[str, Any]:
             active = self.breakdown is not None and in_adversarial_pass(self)
             return self.breakdown.timing if active else None  # type: ignore[union-attr]
 
-        def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, torch.Tensor]:
+            """The loss and the logits, for every callback (R3F and SMART need the logits; the others read the loss)."""
             timing = self._adversarial()
             with sync.paused(), (timing("forward") if timing else contextlib.nullcontext()):
-                loss = self.model(**batch).loss
-            self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
-            return loss
+                out = self.model(**batch)
+            self.log("train_loss", out.loss, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
+            return {"loss": out.loss, "logits": out.logits}
 
         def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
             timing = self._adversarial()
@@ -701,11 +752,12 @@ class LightningRunner:
             med = {k: 1e3 * statistics.median(s[k] for s in steps) for k in Breakdown.BUCKETS}
             derived = [
                 dict(
-                    arithmetic=s["attack"] - s["pass"] - s["backward"],
-                    machinery=s["hooks"] - s["attack"],
+                    method=s["attack"] + s["prepass"],
+                    arithmetic=s["attack"] + s["prepass"] - s["pass"] - s["backward"],
+                    machinery=s["hooks"] - s["attack"] - s["prepass"],
                     guard_all=s["guard"] + s["guard_before"],
                     engine_rest=s["engine"] - s["attack"] - s["guard"] - s["record"],
-                    other=s["hooks"] - s["engine"] - s["batch_start"] - s["guard_before"],
+                    other=s["hooks"] - s["engine"] - s["batch_start"] - s["guard_before"] - s["prepass"],
                     step_dispatch=s["pass"] - s["forward"],
                     backward_dispatch=s["backward"] - s["autograd"],
                 )
@@ -999,8 +1051,10 @@ def render(results: Dict[str, Any], command: str) -> str:
         "callback's `on_train_batch_start` to the last one's `on_train_batch_end`). "
         f"Clock of the tables: {clock_words[clock]}; the {other} clock is recorded too (last table). "
         "Hand-written loop, ours: `method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD); "
-        "`lightning_adv.core.adversarial_backward(model, [freelb], loss_fn, backward)` for the whole micro-batch "
-        "(FreeLB perturbs the clean pass too; so does the reference snippet).",
+        "`lightning_adv.core.adversarial_backward(model, [method], loss_fn, backward)` for the whole micro-batch "
+        "(FreeLB perturbs the clean pass too; R3F and SMART add a divergence from the clean logits to the clean loss, "
+        "`loss_fn` returning `{\"loss\", \"logits\"}`; so do the reference snippets, which run the whole micro-batch "
+        "too). The Lightning module's `training_step` returns `{\"loss\", \"logits\"}` for every variant.",
         "",
         "**X = (T_attack − T_plain) / T_fwd+bwd**: the extra cost of the attack in units of one forward+backward "
         "(no optimizer step) of the same batch; the physical limit is the number of adversarial passes: "
@@ -1034,13 +1088,14 @@ def render(results: Dict[str, Any], command: str) -> str:
         "value read inside the adversarial loss closure and backward (ours: `method.saved_bytes()`; baseline: the snippet's "
         "`backup` dict, and `bounds` for AWP, `emb_backup` and `grad_backup` (a copy of every gradient) for PGD); "
         "(×) in multiples of the bytes of the perturbed parameters (FGM, PGD: the word-embedding matrix; AWP: every "
-        "parameter whose name contains `weight`). FreeLB perturbs the embedding output, not parameters: neither "
-        "saves a copy; both keep the per-example perturbation δ [batch, tokens, hidden] between passes.",
+        "parameter whose name contains `weight`). FreeLB, R3F and SMART perturb the embedding output, not "
+        "parameters: neither side saves a copy; both keep the per-example perturbation δ [batch, tokens, hidden] "
+        "(R3F: the noise) between passes.",
         "",
         "Median time per step (ms) of every variant, and the attack's own arithmetic timed alone (backup, perturbation, "
         "restore: the attack with a loss closure and a backward that do nothing (PGD: that leave the clean gradient "
-        "for the next pass), from a copy of the clean gradient; FreeLB's arithmetic runs in a forward hook and is "
-        "not timed alone):",
+        "for the next pass), from a copy of the clean gradient; the arithmetic of FreeLB, R3F and SMART runs in a "
+        "forward hook and between their passes and is not timed alone):",
         "",
     ]
     arith_methods = [m for m in methods if m in ARITHMETIC_METHODS]
@@ -1063,16 +1118,19 @@ def render(results: Dict[str, Any], command: str) -> str:
             "Lightning, per attacked step (median ms): where the callbacks' time goes, from wrappers around public "
             "points. *hooks*: the adversarial callback's own hooks in all; *adv. forward* / *adv. autograd*: the model's "
             "forward and `LightningModule.backward` during the adversarial passes (`in_adversarial_pass(module)`); "
-            "*step dispatch*: `step.forward` minus the model's forward (`strategy.training_step`, the silenced "
-            "`self.log`, and the gradient merge before the last pass); *backward dispatch*: `step.backward` minus "
-            "`LightningModule.backward` (the precision plugin, the backward hooks); *arithmetic*: `callback.method.run` "
-            "minus its passes (perturbation, snapshot, restore); *machinery*: the hooks minus `method.run`, split into "
+            "*step dispatch*: `step.forward` and `step.extra_forward` minus the model's forward "
+            "(`strategy.training_step`, the silenced `self.log`, and the gradient merge before the last pass); "
+            "*backward dispatch*: `step.backward` minus `LightningModule.backward` (the precision plugin, the backward "
+            "hooks); *arithmetic*: `callback.method.run` and `callback.method.before_backward` (R3F, SMART: their "
+            "passes run there, before the clean backward) minus their passes (perturbation, snapshot, restore; R3F and "
+            "SMART: the divergence and its gradient, and SMART's ascent gradient w.r.t. δ, a backward through the model "
+            "that is not `step.backward`); *machinery*: the hooks minus `method.run` and `method.before_backward`, split into "
             "`callback.record` (counters, `self.log` of the adversarial loss), the coordinator's `StateGuard` "
             "(snapshot and restoration of buffers and metric states, around the methods' `before_backward` and "
             "`after_backward`), `Coordinator.batch_start` (plan, copy of the batch's containers, the "
             "`AttackStep`, the methods' `prepare`), the rest of `Coordinator.after_backward` (clean gradient aside, "
-            "silenced logging, side-effect check) and the other hooks (earlier gradients aside and the methods' "
-            "`before_backward`, closing the step). "
+            "silenced logging, side-effect check) and the other hooks (earlier gradients aside, capture of the clean "
+            "output, closing the step). "
             "Plain Lightning step minus plain loop step: Lightning's own overhead, for scale.",
             "",
             "| model | callback | hooks | adv. forward | adv. autograd | step dispatch | backward dispatch | arithmetic | "
@@ -1108,8 +1166,9 @@ def render(results: Dict[str, Any], command: str) -> str:
             )
 
     syncs = [(res["model"], res["syncs"]) for res in results["models"] if res["syncs"].get("loop")]
-    lines += ["", "Host-device synchronisations inside the attack (the loss closure and the backward excluded; FreeLB: "
-              "the work of its forward hook runs inside the loss closure and is excluded too):", ""]
+    lines += ["", "Host-device synchronisations inside the attack (the loss closure and the backward excluded; FreeLB, "
+              "R3F, SMART: the work of their forward hook runs inside the loss closure and is excluded too; SMART's "
+              "ascent gradient `torch.autograd.grad` is counted):", ""]
     if syncs:
         heads = [f"{side} {METHODS[m]['label'].split(' ')[0]}" for m in methods for side in ("ref", "ours")]
         lines += ["| model | " + " | ".join(heads) + " | ours under `set_sync_debug_mode(\"error\")` | "

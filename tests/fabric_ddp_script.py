@@ -31,9 +31,9 @@ def make_net(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
     return TinyText().to(dtype)
 
 
-def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0) -> List[Any]:
-    """The methods named in ``spec`` (``"fgm+awp"``). FGM, AWP and PGD are built on ``model`` (the Fabric module,
-    when it is one), FreeLB on ``model.module`` (the user's module): both must work."""
+def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0, unwrap_freelb: bool = True) -> List[Any]:
+    """The methods named in ``spec`` (``"fgm+awp"``), built on ``model`` (the Fabric module, when it is one); with
+    ``unwrap_freelb``, FreeLB on ``model.module`` (the user's module) instead: both must work."""
     methods: List[Any] = []
     for name in [] if spec == "none" else spec.split("+"):
         if name == "fgm":
@@ -43,7 +43,7 @@ def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0) -> List
         elif name == "pgd":  # epsilon < 2 * alpha: the projection is active from the second pass on
             methods.append(PGD(model, epsilon=0.25, alpha=0.2, steps=2, emb_name="word_embeddings"))
         elif name == "freelb":
-            inner = getattr(model, "module", model)
+            inner = getattr(model, "module", model) if unwrap_freelb else model
             methods.append(FreeLB(inner, adv_lr=0.3, adv_steps=2, adv_init_mag=freelb_init, adv_max_norm=0.2,
                                   embedding="embeddings.word_embeddings"))
         else:
@@ -69,6 +69,7 @@ def main() -> None:
     from lightning_adv.fabric import adversarial_backward
 
     out, configs = sys.argv[1], sys.argv[2:]
+    torch.set_default_dtype(torch.float64)  # "64-true" casts the outputs to the default dtype: keep the loss in float64
     fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp", precision="64-true")
     fabric.launch()
 

@@ -25,6 +25,16 @@ FGM_KW = dict(epsilon=0.7, emb_name="word_embeddings")
 AWP_KW = dict(adv_param="weight", adv_lr=0.5, adv_eps=0.05, adv_step=2)
 
 
+@pytest.fixture
+def float64_default():
+    """Fabric's "64-true" casts the module's outputs to the default dtype (float32 unless set): for a loss in float64
+    like the plain loop's, make float64 the default dtype while the test runs."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def fabric_of(precision: str = "64-true") -> Fabric:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -42,7 +52,7 @@ def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module
     net = make_net(dtype)
     model, optimizer = fabric.setup(net, torch.optim.AdamW(net.parameters(), lr=LR))
     torch.manual_seed(1)  # FreeLB's random start
-    methods = build_methods(spec, model.module if on_module else model, freelb_init=freelb_init)
+    methods = build_methods(spec, model.module if on_module else model, freelb_init=freelb_init, unwrap_freelb=False)
     losses, outcomes = [], []
     for _ in range(epochs):
         for i, (ids, y) in enumerate(micro_batches()):
@@ -57,8 +67,9 @@ def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module
     return net, losses, outcomes
 
 
-def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1, epochs=EPOCHS):
-    """The same training in a plain loop with lightning_adv.core.adversarial_backward, without Fabric."""
+def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1, epochs=EPOCHS, float_logits=False):
+    """The same training in a plain loop with lightning_adv.core.adversarial_backward, without Fabric (with
+    ``float_logits``, the logits cast to float32 as Fabric does to the outputs under a float32 default dtype)."""
     net = make_net(dtype)
     optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
     torch.manual_seed(1)
@@ -69,7 +80,7 @@ def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1,
                 ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
                 with ctx:
                     logits = net(ids)
-                return nn.functional.cross_entropy(logits.float() if autocast else logits, y) / k
+                return nn.functional.cross_entropy(logits.float() if autocast or float_logits else logits, y) / k
 
             plain_adversarial_backward(net, methods, loss_fn)
             if (i + 1) % k == 0:
@@ -84,7 +95,7 @@ def diff(a: nn.Module, b: nn.Module) -> float:
 
 # -- float64: the Fabric loop is the plain loop ------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["fgm", "awp", "pgd", "freelb", "fgm+awp", "none"])
-def test_float64_fabric_equals_plain_loop(spec):
+def test_float64_fabric_equals_plain_loop(float64_default, spec):
     net, losses, outcomes = fabric_fit(spec)
     expected = plain_fit(spec)
     assert diff(net, expected) < 1e-12
@@ -95,12 +106,19 @@ def test_float64_fabric_equals_plain_loop(spec):
 
 
 @pytest.mark.parametrize("method,kwargs", [("fgm", FGM_KW), ("awp", AWP_KW)])
-def test_float64_fabric_equals_reference_snippets(method, kwargs):
+def test_float64_fabric_equals_reference_snippets(float64_default, method, kwargs):
     net, _, _ = fabric_fit(method)
     reference = TextModule(dtype=torch.float64)  # same seed, same initial weights, AdamW(lr=0.05)
     assert diff(reference.model, make_net()) == 0.0 and reference.lr == LR
     reference_fit(reference, micro_batches(), epochs=EPOCHS, method=method, kwargs=kwargs, accumulate=2)
     assert diff(net, reference.model) < 1e-10
+
+
+def test_float64_model_with_float32_outputs_equals_plain_loop_on_float32_logits():
+    """Without a float64 default dtype, Fabric's "64-true" hands back float32 logits: every pass sees them."""
+    net, losses, _ = fabric_fit("fgm+awp")
+    assert losses[0].dtype == torch.float32
+    assert diff(net, plain_fit("fgm+awp", float_logits=True)) < 1e-12
 
 
 def test_attack_is_not_a_no_op():
@@ -110,13 +128,13 @@ def test_attack_is_not_a_no_op():
 
 
 @pytest.mark.parametrize("spec", ["fgm", "freelb"])
-def test_methods_built_on_fabric_module_or_user_module_agree(spec):
+def test_methods_built_on_fabric_module_or_user_module_agree(float64_default, spec):
     on_fabric, _, _ = fabric_fit(spec, k=1, epochs=1)
     on_module, _, _ = fabric_fit(spec, k=1, epochs=1, on_module=True)
     assert diff(on_fabric, on_module) == 0.0
 
 
-def test_accumulated_gradient_is_kept_and_single_method_accepted():
+def test_accumulated_gradient_is_kept_and_single_method_accepted(float64_default):
     """Gradients already in .grad are added to (what no_backward_sync accumulation needs); a lone Method is a list."""
     fabric = fabric_of()
     net = make_net()
@@ -170,17 +188,16 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="returned None"):
         adversarial_backward(fabric, model, [FGM(model, **FGM_KW)], lambda: None)
     assert all(p.grad is None for p in net.parameters())  # nothing was backpropagated by the failed calls
-    before = flat(net)
-    with pytest.raises(RuntimeError, match="boom"):
-        def failing():
-            if fgm.calls:
-                raise RuntimeError("boom")
-            fgm.calls += 1
-            return loss_fn()
+    before, calls = flat(net), []
 
-        fgm = FGM(model, **FGM_KW)
-        fgm.calls = 0
-        adversarial_backward(fabric, model, [fgm], failing)
+    def failing():  # the clean pass works, the adversarial one raises
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return loss_fn()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        adversarial_backward(fabric, model, [FGM(model, **FGM_KW)], failing)
     assert torch.equal(flat(net), before)  # the perturbed embedding was restored
 
 
@@ -224,7 +241,7 @@ def single_process_reference(spec: str, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cfg", DDP_CONFIGS)
-def test_ddp_ranks_identical_and_equal_to_single_process(ddp_results, cfg):
+def test_ddp_ranks_identical_and_equal_to_single_process(float64_default, ddp_results, cfg):  # as the ranks ran
     spec, k = cfg.split(":")[0], int(cfg.split(":")[1])
     ranks = ddp_results[cfg]
     steps = EPOCHS * (16 // (WORLD * BATCH)) // k

@@ -236,6 +236,27 @@ def test_no_host_synchronisation_and_no_parameter_grad(monkeypatch: Any) -> None
     assert all(p.grad is None for p in net.parameters())
 
 
+class Poisoned(RobustModule):
+    """The logits of the first example of every batch are infinite: its gradient is not finite."""
+
+    def robust_forward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, y = batch
+        logits = self.model(ids)
+        return logits * torch.where(torch.arange(len(y)) == 0, float("inf"), 1.0)[:, None], y
+
+
+def test_nonfinite_gradients_are_counted_and_reported() -> None:
+    module = Poisoned(trained())
+    ids, y = collate(examples(6, seed=15))
+    result = EmbeddingAttack(module.model, epsilon=[0.5, 1.0], steps=2).run(lambda: module.robust_forward((ids, y)))
+    assert result.nonfinite.tolist() == [[True] + [False] * 5] * 2
+    assert bool(torch.isfinite(result.logits[:, 1:]).all())  # the other examples are attacked as usual
+    robust = RobustAccuracy(epsilon=1.0)
+    with pytest.warns(UserWarning, match=r"gradient of 3 attacked example\(s\) was not finite"):
+        trainer(callbacks=[robust]).validate(module, eval_loader(examples(12, seed=15)), verbose=False)
+    assert robust.nonfinite == 3
+
+
 class Tied(PadNet):
     """The logits are scores against rows of the embedding matrix: the output layer shares its weight."""
 
@@ -419,6 +440,16 @@ def test_bf16_mixed_precision() -> None:
     metrics = trainer(callbacks=[robust], precision="bf16-mixed").validate(RobustModule(net), eval_loader(rows), verbose=False)[0]
     assert metrics["val_robust_acc"] == pytest.approx(expected["robust_acc"], abs=0.1)
     assert metrics["val_robust_loss_gain@0.5"] == pytest.approx(expected["robust_loss_gain@0.5"], abs=0.1)
+
+
+def test_callback_random_start_is_reproducible() -> None:
+    net, rows = trained(), examples(20, seed=14)
+    robust = RobustAccuracy(epsilon=1.0, steps=2, random_start=True, seed=5)
+    t = trainer(callbacks=[robust])
+    first = t.validate(RobustModule(net), eval_loader(rows), verbose=False)[0]
+    again = t.validate(RobustModule(net), eval_loader(rows), verbose=False)[0]  # re-seeded at every epoch start
+    assert first == again
+    assert first["val_robust_loss_gain@1"] == pytest.approx(core(net, batches(rows, 5), epsilon=1.0, steps=2, random_start=True, seed=5)["robust_loss_gain@1"], abs=1e-5)
 
 
 class GradProbe(Callback):

@@ -386,10 +386,7 @@ class GradRecorder(Callback):
 @pytest.mark.parametrize("make", [
     lambda: FGMCallback(epsilon=1.0),
     lambda: PGDCallback(steps=2),
-    pytest.param(lambda: AWPCallback(adv_lr=0.5), marks=pytest.mark.xfail(strict=True, reason=(
-        "AttackStep.clean_grads(writable=True) hands the last replacing method (AWP) the clean gradient uncopied, "
-        "and AWP.perturb computes its bounds in those buffers before the pass; when that pass returns None the "
-        "clean gradient is already overwritten (-adv_eps*|w|) and the step trains on it"))),
+    lambda: AWPCallback(adv_lr=0.5),
     lambda: FreeLBCallback(adv_init_mag=0.0, embedding="model.embeddings.word_embeddings"),
 ], ids=["fgm", "pgd", "awp", "freelb"])
 def test_none_from_an_adversarial_pass_skips_that_attack_only(make):

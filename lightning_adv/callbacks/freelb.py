@@ -7,7 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative, check_module_path
 from lightning_adv.core.freelb import FreeLB
 
 
@@ -64,6 +64,7 @@ class FreeLBCallback(AdversarialCallback):
         check_non_negative(owner, adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
         check_int(owner, "adv_steps", adv_steps, 1, "the number of ascent passes after the clean one")
         check_choice(owner, "norm_type", norm_type, ("l2", "linf"))
+        check_module_path(owner, "embedding", embedding)
         super().__init__(start_epoch=start_epoch)
         self.adv_lr, self.adv_steps, self.adv_init_mag = adv_lr, adv_steps, adv_init_mag
         self.adv_max_norm, self.norm_type, self.embedding = adv_max_norm, norm_type, embedding

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_adv.core.checks import check_int
@@ -113,6 +114,10 @@ class RobustAccuracy(Callback):
         self._metrics: Dict[Tuple[str, int, str], Any] = {}
         self.batches = 0
         """Batches evaluated under attack so far (all stages)."""
+        self.nonfinite = 0
+        """Examples (times epsilons) of the finished evaluation epochs, on this process, whose gradient was not
+        finite at some step: not moved there, they make the robust accuracy optimistic (a warning says so)."""
+        self._nonfinite: Optional[torch.Tensor] = None
 
     def describe(self) -> str:
         """The attack in words: ``"FGM epsilon=1"``, ``"PGD-3 linf epsilon=0.5,1"`` (the norm said when not l2)."""
@@ -165,6 +170,8 @@ class RobustAccuracy(Callback):
             batch = apply_to_collection(batch, torch.Tensor, lambda t: t.clone())  # inference tensors cannot enter autograd
             result = attack.run(forward)
         self.batches += 1
+        bad = result.nonfinite.sum()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         name = _PREFIX[stage]
         for key, values in result.per_example().items():
             if not key.startswith("robust_"):
@@ -202,6 +209,23 @@ class RobustAccuracy(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._on_batch("test", trainer, pl_module, batch, dataloader_idx)
+
+    def _on_epoch_end(self) -> None:
+        if self._nonfinite is None:
+            return
+        count, self._nonfinite = int(self._nonfinite), None  # one read per epoch, not per batch
+        if count:
+            self.nonfinite += count
+            rank_zero_warn(
+                f"{type(self).__name__}: the gradient of {count} attacked example(s) was not finite (a NaN or inf in the "
+                "logits or the loss); they were not moved at that step, so the robust accuracy is optimistic."
+            )
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._on_epoch_end()
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._on_epoch_end()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset("validate")

@@ -93,3 +93,12 @@ class ParameterPattern(str):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{value!r} is not a non-empty substring of parameter names")
         return super().__new__(cls, value)
+
+
+def check_module_path(owner: str, name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is None (find the module) or a non-empty dotted module path."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(
+            f"{owner}({name}={value!r}): {name} must be None (found from get_input_embeddings()) or the dotted path "
+            "of the input-embedding module, e.g. 'model.bert.embeddings.word_embeddings'."
+        )

@@ -166,6 +166,7 @@ class EmbeddingAttack:
         embedding: dotted path of the input-embedding module; None: ``get_input_embeddings()`` of the first
             submodule that has it, else the model's only ``nn.Embedding``.
         seed: the seed of the random start.
+        owner: the name that error messages give the attack (a callback passes its own).
 
     Example::
 
@@ -417,13 +418,15 @@ class RobustTally:
             self.count = self.count + next(iter(values.values())).shape[0]
 
     def all_reduce(self) -> None:
-        """Sum the tallies of all processes (when ``torch.distributed`` is initialised)."""
+        """Sum the tallies of all processes (when ``torch.distributed`` is initialised); every process must call
+        it, after at least one batch."""
         if self.count is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        keys = sorted(self.sums)
+        keys = sorted(self.sums)  # the same order on every process
         stacked = torch.stack([self.sums[k] for k in keys] + [self.count])
         torch.distributed.all_reduce(stacked)
-        self.sums = dict(zip(keys, stacked[:-1]))
+        reduced = dict(zip(keys, stacked[:-1]))
+        self.sums = {k: reduced[k] for k in self.sums}
         self.count = stacked[-1]
 
     def compute(self) -> Dict[str, float]:

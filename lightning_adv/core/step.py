@@ -147,11 +147,11 @@ class AttackStep:
     # -- what a method calls ---------------------------------------------------------------------------------------
     def clean_grads(self, params: Sequence[torch.Tensor], writable: bool = False) -> Grads:
         """The micro-batch's clean gradient of each of ``params`` (``None`` where it has none). With
-        ``writable``, tensors the caller may overwrite (copies unless nothing needs them afterwards)."""
+        ``writable``, copies the caller may overwrite: the clean gradient stays whole, since a pass that returns
+        None (a skipped attack) falls back to it."""
         assert self._clean is not None, "clean_grads() is only available while the methods run"
         grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
-        last = self._current == self._last
-        if writable and not (last and getattr(self.methods[self._last], "replaces_gradient", False) and self._base is self._clean):
+        if writable:
             grads = [None if g is None else g.clone() for g in grads]
         return grads
 
