@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -804,6 +805,10 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
         for v in lightning_variants(methods):
             runner.fit(v, steps=1, warmup=1)
     loop.snapshot_grads()
+    # the objects alive now (torch, transformers, Lightning, the model) leave the cyclic garbage collector's scans:
+    # a full collection of this heap takes 0.1-0.3 s and would land in whichever timed step happens to trigger it
+    gc.collect()
+    gc.freeze()
 
     variants = loop_variants(methods) + (lightning_variants(methods) if runner is not None else [])
     rounds: List[Dict[str, Dict[str, float]]] = []  # per round: variant -> clock -> median seconds
@@ -835,6 +840,7 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
             print(f"  [{name}] round {r + 1}/{n_rounds} ({args.clock} ms): "
                   + ", ".join(f"{k}={1e3 * v[args.clock]:.1f}" for k, v in medians.items()), flush=True)
     elapsed = time.perf_counter() - t_start
+    gc.unfreeze()
 
     result: Dict[str, Any] = dict(
         model=name, batch=batch_size, seq=seq, params=sum(p.numel() for p in model.parameters()),

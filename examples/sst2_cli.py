@@ -124,10 +124,12 @@ class SentenceClassifier(L.LightningModule):
     def robust_forward(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return self(batch), batch["labels"]
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self(batch), batch["labels"])
+    def training_step(self, batch: Batch, batch_idx: int) -> Dict[str, torch.Tensor]:
+        """The loss and the logits: SMARTCallback and R3FCallback compare the logits of their passes."""
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"])
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        return loss
+        return {"loss": loss, "logits": logits}
 
     def _eval_step(self, batch: Batch, stage: str, metric: MulticlassAccuracy) -> None:
         logits = self(batch)

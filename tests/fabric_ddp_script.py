@@ -1,8 +1,8 @@
 """Fabric DDP on 2 CPU ranks (gloo) with lightning_adv.fabric.adversarial_backward; saves every rank's weights
 after every optimizer step and which backward passes all-reduced.
 
-Launched by tests/test_fabric.py as ``python tests/fabric_ddp_script.py OUT_DIR CONFIG [CONFIG ...]``, a CONFIG being
-``methods:accumulate`` (methods: ``none`` or names joined by ``+``, see :func:`build_methods`). Fabric re-runs this
+Launched by tests/test_fabric.py as ``python tests/fabric_ddp_script.py OUT_DIR [--find-unused] CONFIG [CONFIG ...]``,
+a CONFIG being ``methods:accumulate`` (methods: ``none`` or names joined by ``+``, see :func:`build_methods`). Fabric re-runs this
 script for rank 1. The helpers below are shared with the test (the single-process reference).
 """
 
@@ -21,19 +21,24 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from helpers import TinyText, make_data  # noqa: E402
-from lightning_adv import AWP, FGM, PGD, FreeLB  # noqa: E402
+from lightning_adv import AWP, FGM, PGD, R3F, FreeLB  # noqa: E402
 
 WORLD, BATCH, EPOCHS, LR = 2, 2, 2, 0.05
 
 
-def make_net(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+def make_net(dtype: torch.dtype = torch.float64, seed: int = 0, unused: bool = False) -> nn.Module:
+    """TinyText; with ``unused``, plus a layer the forward never calls (what ``find_unused_parameters`` is for)."""
     torch.manual_seed(seed)
-    return TinyText().to(dtype)
+    net = TinyText()
+    if unused:
+        net.unused = nn.Linear(2, 2)
+    return net.to(dtype)
 
 
-def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0, unwrap_freelb: bool = True) -> List[Any]:
+def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0, unwrap_freelb: bool = True, rank: int = 0) -> List[Any]:
     """The methods named in ``spec`` (``"fgm+awp"``), built on ``model`` (the Fabric module, when it is one); with
-    ``unwrap_freelb``, FreeLB on ``model.module`` (the user's module) instead: both must work."""
+    ``unwrap_freelb``, FreeLB on ``model.module`` (the user's module) instead: both must work. R3F draws its noise
+    from a generator of its own, seeded by ``rank`` (the single-process reference keeps one per rank)."""
     methods: List[Any] = []
     for name in [] if spec == "none" else spec.split("+"):
         if name == "fgm":
@@ -46,9 +51,19 @@ def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0, unwrap_
             inner = getattr(model, "module", model) if unwrap_freelb else model
             methods.append(FreeLB(inner, adv_lr=0.3, adv_steps=2, adv_init_mag=freelb_init, adv_max_norm=0.2,
                                   embedding="embeddings.word_embeddings"))
+        elif name == "r3f":  # extends the clean loss: the clean backward is the last one, DDP's reducer armed by the engine
+            methods.append(R3F(model, eps=0.05, r3f_lambda=1.0, embedding="embeddings.word_embeddings",
+                               generator=torch.Generator().manual_seed(100 + rank)))
         else:
             raise ValueError(name)
     return methods
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor, y: torch.Tensor, divide: int, methods: List[Any]) -> Any:
+    """The loss of a micro-batch divided by ``divide``, with the logits when a method needs them (R3F)."""
+    logits = model(ids)
+    loss = nn.functional.cross_entropy(logits, y) / divide
+    return {"loss": loss, "logits": logits} if any(m.needs_logits for m in methods) else loss
 
 
 def rank_batches(rank: int, world: int = WORLD) -> list:
@@ -68,9 +83,13 @@ def main() -> None:
 
     from lightning_adv.fabric import adversarial_backward
 
-    out, configs = sys.argv[1], sys.argv[2:]
+    from lightning.fabric.strategies import DDPStrategy
+
+    out, configs = sys.argv[1], [c for c in sys.argv[2:] if not c.startswith("--")]
+    find_unused = "--find-unused" in sys.argv
     torch.set_default_dtype(torch.float64)  # "64-true" casts the outputs to the default dtype: keep the loss in float64
-    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp", precision="64-true")
+    strategy = DDPStrategy(find_unused_parameters=find_unused)
+    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy=strategy, precision="64-true")
     fabric.launch()
 
     backwards = [0]  # fabric.backward calls so far
@@ -89,10 +108,10 @@ def main() -> None:
 
     for cfg in configs:
         spec, k = cfg.split(":")[0], int(cfg.split(":")[1])
-        net = make_net()
+        net = make_net(unused=find_unused)
         model, optimizer = fabric.setup(net, torch.optim.AdamW(net.parameters(), lr=LR))
         model._forward_module.register_comm_hook(None, counting_allreduce)  # Fabric registers none on CPU
-        methods = build_methods(spec, model)
+        methods = build_methods(spec, model, rank=fabric.global_rank)
         batches = rank_batches(fabric.global_rank)
         weights, steps, attacks, skipped, losses = [], [], [0] * len(methods), [0] * len(methods), []
         first_backward, first_reduced = backwards[0], len(reduced)
@@ -100,8 +119,8 @@ def main() -> None:
             for i, (ids, y) in enumerate(batches):
                 stepping = (i + 1) % k == 0
 
-                def loss_fn() -> torch.Tensor:
-                    return nn.functional.cross_entropy(model(ids), y) / k
+                def loss_fn() -> Any:
+                    return loss_of(model, ids, y, k, methods)
 
                 with fabric.no_backward_sync(model, enabled=not stepping):
                     loss, outcomes = adversarial_backward(fabric, model, methods, loss_fn)

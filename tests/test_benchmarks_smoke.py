@@ -1,5 +1,5 @@
-"""Smoke test of ``benchmarks/attack_cost.py``: its ``--quick`` mode on a tiny BERT; and the reference PGD and
-FreeLB snippets it uses as baselines compute what our methods compute."""
+"""Smoke test of ``benchmarks/attack_cost.py``: its ``--quick`` mode on a tiny BERT; and the reference PGD, FreeLB,
+R3F and SMART snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "attack_cost.py")
-METHODS = ("fgm", "awp", "pgd", "freelb")
-LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)"}
-LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00"}
+METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart")
+LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)",
+          "r3f": "R3F", "smart": "SMART (steps=1)"}
+LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00"}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,13 @@ def test_quick_benchmark_writes_the_table(quick_run):
     assert all(ms > 0 for ms in res["arithmetic_ms"].values())
     for method in METHODS:
         bd = res["breakdown_ms"][f"L_{method}"]
-        assert bd["hooks"] >= bd["engine"] >= bd["attack"] >= bd["pass"] > bd["forward"] > 0
-        assert bd["attack"] >= bd["backward"] >= bd["autograd"] > 0
+        # the method's work: run() after the clean backward, before_backward() before it (R3F, SMART: their passes)
+        assert bd["hooks"] >= bd["method"] >= bd["pass"] > bd["forward"] > 0
+        assert bd["method"] >= bd["backward"] >= bd["autograd"] > 0
+        assert bd["hooks"] >= bd["engine"] >= bd["attack"]
         assert bd["record"] > 0 and bd["batch_start"] > 0
+        if method in ("r3f", "smart"):  # every pass runs between the clean forward and its backward
+            assert bd["prepass"] >= bd["pass"] and bd["other"] >= 0  # in on_before_backward, outside the engine
 
 
 def test_quick_benchmark_saved_state(quick_run):
@@ -73,7 +78,8 @@ def test_quick_benchmark_saved_state(quick_run):
     assert saved["fgm"]["ref"] == saved["fgm"]["perturbed"]
     assert saved["awp"]["ref"] == 3 * saved["awp"]["perturbed"]
     assert saved["pgd"]["ref"] == saved["pgd"]["perturbed"] + saved["pgd"]["grads"]
-    assert saved["freelb"]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
+    for method in ("freelb", "r3f", "smart"):
+        assert saved[method]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
 
 
 # -- the baselines compute what our methods compute --------------------------------------------------------------
@@ -137,3 +143,63 @@ def test_reference_freelb_matches_ours(adv_max_norm):
     torch.manual_seed(1)
     adversarial_backward(our_model, [FreeLB(our_model, **kwargs)], lambda: our_model(**batch).loss)
     _assert_same(ref_model, our_model)
+
+
+def _logits_loss(model, batch):
+    def loss_fn():
+        out = model(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+    return loss_fn
+
+
+def _assert_regularised(model, batch):
+    """The regulariser moved the gradient (the equality is not that of two plain backward passes)."""
+    plain = copy.deepcopy(model)
+    plain.zero_grad(set_to_none=True)
+    plain(**batch).loss.backward()
+    moved = max(float((p.grad - q.grad).abs().max()) for p, q in zip(model.parameters(), plain.parameters())
+                if p.grad is not None and q.grad is not None)
+    assert moved > 1e-6, moved
+
+
+@pytest.mark.parametrize("noise_type", ["uniform", "normal"])
+def test_reference_r3f_matches_ours(noise_type):
+    from reference_snippets import RefR3F
+
+    from lightning_adv import R3F
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    kwargs = dict(eps=0.1, r3f_lambda=2.0, noise_type=noise_type)
+    # the same noise: both draw it from an identically seeded generator, torch.empty_like(embeddings).uniform_/normal_
+    RefR3F(ref_model, generator=torch.Generator().manual_seed(3), **kwargs).attack_backward(
+        batch, ref_model, lambda loss: loss.backward()
+    )
+    (outcome,) = adversarial_backward(
+        our_model, [R3F(our_model, generator=torch.Generator().manual_seed(3), **kwargs)], _logits_loss(our_model, batch)
+    )
+    _assert_same(ref_model, our_model)
+    _assert_regularised(our_model, batch)
+    assert float(outcome.loss) > 0 and not bool(outcome.skipped)
+
+
+@pytest.mark.parametrize("steps,norm", [(1, "inf"), (2, "inf"), (1, "l2")])
+def test_reference_smart_matches_ours(steps, norm):
+    from reference_snippets import RefSMART
+
+    from lightning_adv import SMART
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    kwargs = dict(adv_alpha=3.0, step_size=0.5, noise_var=0.1, epsilon=1e-6, steps=steps, norm=norm)
+    # the same initial noise: torch.empty_like(embeddings).normal_(0, 1) * noise_var from identically seeded generators
+    RefSMART(ref_model, generator=torch.Generator().manual_seed(7), **kwargs).attack_backward(
+        batch, ref_model, lambda loss: loss.backward()
+    )
+    (outcome,) = adversarial_backward(
+        our_model, [SMART(our_model, generator=torch.Generator().manual_seed(7), **kwargs)], _logits_loss(our_model, batch)
+    )
+    _assert_same(ref_model, our_model)
+    _assert_regularised(our_model, batch)
+    assert float(outcome.loss) > 0 and not bool(outcome.skipped)

@@ -117,7 +117,7 @@ def test_several_callbacks_each_with_its_own_arguments() -> None:
     (fgm,), (awp,), (robust,) = (of_type(c.trainer.callbacks, k) for k in kinds)
     assert (fgm.epsilon, fgm.start_epoch) == (0.3, 1)
     assert (awp.adv_lr, awp.adv_eps, awp.adv_step, awp.start_epoch) == (0.5, 0.01, 1, 0)
-    assert (robust.epsilon, robust.emb_name, robust.num_classes) == (2.0, "word_embeddings", 2)
+    assert (robust.epsilon, robust.embedding, robust.num_classes) == (2.0, None, 2)
 
 
 def test_yaml_config_with_class_path_and_init_args(tmp_path: Any) -> None:

@@ -14,7 +14,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
-from fabric_ddp_script import BATCH, EPOCHS, LR, WORLD, build_methods, flat, make_net, rank_batches
+from fabric_ddp_script import BATCH, EPOCHS, LR, WORLD, build_methods, flat, loss_of, make_net, rank_batches
 from helpers import TextModule, reference_fit
 from lightning_adv import FGM, FGMCallback, fabric_adversarial_backward
 from lightning_adv.core import adversarial_backward as plain_adversarial_backward
@@ -206,7 +206,7 @@ def test_exports():
 
 
 # -- DDP: 2 gloo ranks ---------------------------------------------------------------------------------------------
-DDP_CONFIGS = ["none:2", "fgm:2", "freelb:2", "fgm+awp:2", "pgd:2", "awp:1"]
+DDP_CONFIGS = ["none:2", "fgm:2", "freelb:2", "fgm+awp:2", "pgd:2", "awp:1", "r3f:2"]
 
 
 @pytest.fixture(scope="module")
@@ -225,16 +225,18 @@ def ddp_results(tmp_path_factory):
 
 def single_process_reference(spec: str, k: int) -> torch.Tensor:
     """One process, the WORLD * k micro-batches of each optimizer step accumulated (each attacked from its own
-    clean gradient), the loss divided by WORLD * k: what DDP's mean of the ranks' accumulated gradients is."""
+    clean gradient, R3F's noise from its rank's generator), the loss divided by k as on the ranks and every backward
+    by WORLD: DDP's mean of the ranks' accumulated gradients."""
     net = make_net()
     optimizer = torch.optim.AdamW(net.parameters(), lr=LR)
-    methods = build_methods(spec, net)
+    methods = [build_methods(spec, net, rank=r) for r in range(WORLD)]
     per_rank = [rank_batches(r) for r in range(WORLD)]
     for _ in range(EPOCHS):
         for s in range(0, len(per_rank[0]), k):
             for r in range(WORLD):
                 for ids, y in per_rank[r][s:s + k]:
-                    plain_adversarial_backward(net, methods, lambda: nn.functional.cross_entropy(net(ids), y) / (WORLD * k))
+                    plain_adversarial_backward(net, methods[r], lambda: loss_of(net, ids, y, k, methods[r]),
+                                               backward=lambda loss: (loss / WORLD).backward())
             optimizer.step()
             optimizer.zero_grad()
     return flat(net)
@@ -266,6 +268,6 @@ def test_ddp_one_allreduce_per_optimizer_step(ddp_results, cfg):
         for step in rank["steps"]:
             assert step["reduced"] == [step["backwards"][-1]], step
             assert step["buckets"] == 1  # this model fits one bucket
-        passes = 1 + sum({"fgm": 1, "awp": 2, "pgd": 2, "freelb": 2}.get(m, 0) for m in cfg.split(":")[0].split("+"))
+        passes = 1 + sum({"fgm": 1, "awp": 2, "pgd": 2, "freelb": 2, "r3f": 1}.get(m, 0) for m in cfg.split(":")[0].split("+"))
         k = int(cfg.split(":")[1])
         assert all(len(step["backwards"]) == passes * k for step in rank["steps"])

@@ -236,27 +236,6 @@ def test_no_host_synchronisation_and_no_parameter_grad(monkeypatch: Any) -> None
     assert all(p.grad is None for p in net.parameters())
 
 
-class Poisoned(RobustModule):
-    """The logits of the first example of every batch are infinite: its gradient is not finite."""
-
-    def robust_forward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, y = batch
-        logits = self.model(ids)
-        return logits * torch.where(torch.arange(len(y)) == 0, float("inf"), 1.0)[:, None], y
-
-
-def test_nonfinite_gradients_are_counted_and_reported() -> None:
-    module = Poisoned(trained())
-    ids, y = collate(examples(6, seed=15))
-    result = EmbeddingAttack(module.model, epsilon=[0.5, 1.0], steps=2).run(lambda: module.robust_forward((ids, y)))
-    assert result.nonfinite.tolist() == [[True] + [False] * 5] * 2
-    assert bool(torch.isfinite(result.logits[:, 1:]).all())  # the other examples are attacked as usual
-    robust = RobustAccuracy(epsilon=1.0)
-    with pytest.warns(UserWarning, match=r"gradient of 3 attacked example\(s\) was not finite"):
-        trainer(callbacks=[robust]).validate(module, eval_loader(examples(12, seed=15)), verbose=False)
-    assert robust.nonfinite == 3
-
-
 class Tied(PadNet):
     """The logits are scores against rows of the embedding matrix: the output layer shares its weight."""
 
@@ -381,6 +360,27 @@ class RobustModule(L.LightningModule):
 
 def eval_loader(rows: Sequence[Example], batch_size: int = 5) -> DataLoader:
     return DataLoader(list(rows), batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+class Poisoned(RobustModule):
+    """The logits of the first example of every batch are infinite: its gradient is not finite."""
+
+    def robust_forward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, y = batch
+        logits = self.model(ids)
+        return logits * torch.where(torch.arange(len(y)) == 0, float("inf"), 1.0)[:, None], y
+
+
+def test_nonfinite_gradients_are_counted_and_reported() -> None:
+    module = Poisoned(trained())
+    ids, y = collate(examples(6, seed=15))
+    result = EmbeddingAttack(module.model, epsilon=[0.5, 1.0], steps=2).run(lambda: module.robust_forward((ids, y)))
+    assert result.nonfinite.tolist() == [[True] + [False] * 5] * 2
+    assert bool(torch.isfinite(result.logits[:, 1:]).all())  # the other examples are attacked as usual
+    robust = RobustAccuracy(epsilon=1.0)
+    with pytest.warns(UserWarning, match=r"gradient of 3 attacked example\(s\) was not finite"):
+        trainer(callbacks=[robust]).validate(module, eval_loader(examples(12, seed=15)), verbose=False)
+    assert robust.nonfinite == 3
 
 
 @pytest.mark.parametrize("inference_mode", [True, False])

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_adv.core.checks import check_int
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int
 from lightning_adv.core.robust import EmbeddingAttack, check_attack_args, epsilon_key
 
 PROTOCOL = "robust_forward"
@@ -47,18 +47,17 @@ class RobustAccuracy(Callback):
 
     Args:
         epsilon: L2 norm of the perturbation of each example's embedding output (its largest element for
-            ``linf``), >= 0; or a list of them, each measured separately. 0 gives the clean accuracy.
-        norm_type: ``"l2"`` or ``"linf"``.
+            linf), >= 0; or a list of them, each measured separately. 0 gives the clean accuracy.
+        norm_type: "l2" or "linf".
         steps: 1: the fast-gradient attack; more: PGD with that many steps.
-        step_size: the PGD step; None: ``2.5 * epsilon / steps``.
-        random_start: start PGD at a random point of the ball (seeded with ``seed`` at every evaluation epoch).
+        step_size: the PGD step (>= 0); None: 2.5 * epsilon / steps.
+        random_start: start the attack at a random point of the ball (re-seeded with seed at every evaluation epoch).
         num_classes: number of classes of the logits (>= 2).
-        embedding: dotted path of the input-embedding module in the LightningModule; None:
-            ``get_input_embeddings()`` of the first submodule that has it (``transformers`` models), else the
-            only ``nn.Embedding`` of the module.
-        seed: the seed of the random start.
-        validate: measure during validation (``val_*``), including the validation of ``fit``.
-        test: measure during test (``test_*``).
+        embedding: dotted path of the input-embedding module in the LightningModule; None: the
+            get_input_embeddings() of its first transformers model, else its only nn.Embedding.
+        seed: the seed of the random start (>= 0).
+        validate: measure during validation (val_*), including the validation of fit.
+        test: measure during test (test_*).
         prog_bar: show the robust accuracies in the progress bar.
 
     Example::
@@ -87,14 +86,14 @@ class RobustAccuracy(Callback):
 
     def __init__(
         self,
-        epsilon: Union[float, List[float]] = 1.0,
+        epsilon: Union[NonNegativeFloat, List[NonNegativeFloat]] = 1.0,
         norm_type: Literal["l2", "linf"] = "l2",
-        steps: int = 1,
-        step_size: Optional[float] = None,
+        steps: PositiveInt = 1,
+        step_size: Optional[NonNegativeFloat] = None,
         random_start: bool = False,
         num_classes: int = 2,
         embedding: Optional[str] = None,
-        seed: int = 0,
+        seed: NonNegativeInt = 0,
         validate: bool = True,
         test: bool = True,
         prog_bar: bool = True,
