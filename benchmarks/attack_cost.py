@@ -35,8 +35,8 @@ resident memory of a few training steps of a ~110M-parameter BERT.
 Usage::
 
     nice -n 5 python benchmarks/attack_cost.py --models small,minilm --rounds small:13,minilm:9 \
-        --steps small:3,minilm:2 --threads 1 --out benchmarks/results/attack_cost.md -v   # ~2 h on 2 cores
-    python benchmarks/attack_cost.py --quick             # a tiny BERT, ~20 s (the smoke test)
+        --steps small:3,minilm:2 --threads 1 --out benchmarks/results/attack_cost.md -v   # ~45 min on 2 idle cores
+    python benchmarks/attack_cost.py --quick             # a tiny BERT, ~10 s (the smoke test)
     python benchmarks/attack_cost.py --methods r3f,smart # a subset of the methods
     python benchmarks/attack_cost.py --device cuda --precision bf16   # + host-device synchronisation counts
 
@@ -1056,6 +1056,8 @@ def render(results: Dict[str, Any], command: str) -> str:
         f"(a fresh `Trainer`, {a['lightning_warmup']} untimed + {a['steps']} timed steps, timed from the first "
         "callback's `on_train_batch_start` to the last one's `on_train_batch_end`). "
         f"Clock of the tables: {clock_words[clock]}; the {other} clock is recorded too (last table). "
+        "The objects alive before the rounds are frozen out of the cyclic garbage collector (`gc.freeze()`): a full "
+        "collection of that heap (0.1-0.3 s) would otherwise land in a random timed step. "
         "Hand-written loop, ours: `method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD); "
         "`lightning_adv.core.adversarial_backward(model, [method], loss_fn, backward)` for the whole micro-batch "
         "(FreeLB perturbs the clean pass too; R3F and SMART add a divergence from the clean logits to the clean loss, "

@@ -162,8 +162,12 @@ def attack_callback(method: str, params: Dict[str, float]) -> Optional[lightning
     raise ValueError(method)
 
 
+NAME_KEYS = {"fgm": ("epsilon",), "awp": ("adv_lr", "adv_eps"), "r3f": ("r3f_lambda",), "smart": ("adv_alpha",)}
+
+
 def run_name(method: str, params: Dict[str, float], seed: int) -> str:
-    tag = "_".join(f"{k}{v:g}" for k, v in params.items())
+    """``<method>[_<searched values>]_seed<seed>``; the JSON holds every parameter."""
+    tag = "_".join(f"{k}{params[k]:g}" for k in NAME_KEYS.get(method, ()))
     return f"{method}{'_' + tag if tag else ''}_seed{seed}"
 
 
@@ -258,7 +262,7 @@ def probe_epsilons(args: argparse.Namespace, model: SentenceClassifier, dm: TSVD
         "probe": {epsilon_key(e): accs[e] for e in PROBE_GRID}, "probe_s": time.perf_counter() - t0,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"[eps ] dev robust accuracy: " + ", ".join(f"{epsilon_key(e)}: {100 * a:.1f}%" for e, a in accs.items())
+    print("[eps ] dev robust accuracy: " + ", ".join(f"{epsilon_key(e)}: {100 * a:.1f}%" for e, a in accs.items())
           + f" -> epsilons {chosen}", flush=True)
     return info
 
@@ -315,7 +319,7 @@ def ensure_run(args: argparse.Namespace, dm: TSVDataModule, method: str, params:
     path = os.path.join(args.runs_dir, name + ".json")
     done = read_json(path)
     epsilons = known_epsilons(args)
-    if done is not None and (epsilons is None or done.get("protocol") != protocol(args, epsilons)):
+    if done is not None and (epsilons is None or done.get("protocol") != protocol(args, epsilons) or done.get("params") != params):
         print(f"[redo] {name}: done under another protocol", flush=True)
         done = None
     if done is not None:
@@ -641,7 +645,6 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
     L_.append("")
 
     # search
-    mk = mid_key(epsilons)
     L_ += [
         f"## Hyperparameter search (seed {s0})",
         "",
@@ -655,7 +658,7 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
         if r is None:
             L_.append(f"| {LABELS[m]} | {params_text(p)} | pending | " + " | ".join("" for _ in keys) + " | | | | |")
             continue
-        sel = "yes" if m != "none" and chosen[m] == p and len(grid(args, m)) > 1 else ("(single setting)" if m != "none" else "")
+        sel = "" if m == "none" else "(single setting)" if len(grid(args, m)) == 1 else "yes" if chosen[m] == p else ""
         L_.append(f"| {LABELS[m]} | {params_text(p)} | {100 * r['dev_clean_acc']:.2f} | "
                   + " | ".join(f"{100 * r[f'dev_robust_acc@{k}']:.2f}" for k in keys)
                   + f" | {100 * r['test_clean_acc']:.2f} | {sel} | {r['s_per_step']:.2f} | {r['wall_s'] / 60:.1f} |")
@@ -803,7 +806,8 @@ def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chos
     import matplotlib.pyplot as plt
 
     methods = [m for m in final if final[m]]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 4.4))
+    fig, grid_axes = plt.subplots(2, 2, figsize=(11, 9))
+    axes = list(grid_axes.flat)
     for ax, k in zip(axes, keys):
         for m in methods:
             rs = final[m]
@@ -814,8 +818,9 @@ def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chos
         ax.set_title(f"robust @ε={k}", fontsize=10)
         ax.set_xlabel("clean test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("robust test accuracy (%)")
-    axes[0].legend(fontsize=7, loc="best")
+    for ax in axes[: len(keys)]:
+        ax.set_ylabel("robust test accuracy (%)")
+    axes[0].legend(fontsize=8, loc="best")
     ax = axes[-1]
     bars = [m for m in final if meas and m in meas["relative"]]
     if bars:
@@ -830,9 +835,9 @@ def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chos
     ax.set_title("training step cost vs no attack\n(--measure, interleaved; AWP: attacked steps)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
-        f"SST-2, MiniLM-L6, {proto['train_subset']:,} training sentences, {proto['epochs']} epoch; per-example fast-gradient "
-        f"attack on the embedding output at evaluation; mean ± std over seeds (hollow: one seed). {status}",
-        fontsize=9,
+        f"SST-2, MiniLM-L6, {proto['train_subset']:,} training sentences, {proto['epochs']} epoch. Robust: per-example fast-gradient\n"
+        f"attack (L2) on the embedding output at evaluation. Mean ± std over seeds (hollow marker: one seed). {status}",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -842,16 +847,16 @@ def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chos
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    import logging
+
+    from quiet import quiet
     from transformers.utils import logging as hf_logging
 
+    quiet()
     hf_logging.set_verbosity_error()
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    hf_logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" lines for every run
     if args.report_only:
         write_report(args)
     elif args.measure:

@@ -1,4 +1,4 @@
-"""lightning_adv: adversarial training (FGM, PGD, FreeLB, AWP, SMART, R3F) for any LightningModule, as a one-line callback.
+"""lightning_adv: adversarial training (FGM, PGD, FreeLB, AWP, SMART, R3F) for any LightningModule, in one callback.
 
 >>> from lightning_adv import FGMCallback, AWPCallback
 >>> callbacks = [FGMCallback(epsilon=1.0), AWPCallback(adv_lr=1.0, adv_eps=0.2)]
@@ -16,5 +16,5 @@ __version__ = "0.2.0"
 __all__ = [
     "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
     "GradientStash", "Method", "PGD", "PGDCallback", "R3F", "R3FCallback", "RobustAccuracy", "SMART", "SMARTCallback",
-    "adversarial_backward", "in_adversarial_pass",
+    "adversarial_backward", "fabric_adversarial_backward", "in_adversarial_pass",
 ]

@@ -68,7 +68,8 @@ def adversarial_backward(
             ``model.module``); an empty list makes this exactly ``fabric.backward(loss_fn())``.
         loss_fn: computes the loss of the current micro-batch by calling ``model`` (a tensor, or a mapping with a
             ``"loss"`` key, and ``"logits"`` for SMART/R3F); divided by the number of accumulated micro-batches.
-            It is called once for the clean pass and once per adversarial pass.
+            It is called once for the clean pass and once per adversarial pass. SMART's and R3F's regulariser is
+            added to the loss it returns at full weight (not divided along with it), as in the plain-loop engine.
 
     Returns:
         The detached clean loss and each method's :class:`~lightning_adv.core.Outcome` (the adversarial loss, and

@@ -23,6 +23,7 @@ from lightning_adv.fabric import adversarial_backward
 HERE = os.path.dirname(os.path.abspath(__file__))
 FGM_KW = dict(epsilon=0.7, emb_name="word_embeddings")
 AWP_KW = dict(adv_param="weight", adv_lr=0.5, adv_eps=0.05, adv_step=2)
+SP_EPOCHS = 1  # single process: one epoch of 8 micro-batches, 4 optimizer steps with k=2, is enough
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def micro_batches(n: int = 8) -> list:
     return rank_batches(0, world=1)[:n]
 
 
-def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module=False, freelb_init=0.1, epochs=EPOCHS):
+def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module=False, freelb_init=0.1, epochs=SP_EPOCHS, n=8):
     """Train with Fabric and the engine; gradient accumulation ``k`` through ``fabric.no_backward_sync``."""
     fabric = fabric_of(precision)
     net = make_net(dtype)
@@ -55,7 +56,7 @@ def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module
     methods = build_methods(spec, model.module if on_module else model, freelb_init=freelb_init, unwrap_freelb=False)
     losses, outcomes = [], []
     for _ in range(epochs):
-        for i, (ids, y) in enumerate(micro_batches()):
+        for i, (ids, y) in enumerate(micro_batches(n)):
             stepping = (i + 1) % k == 0
             with fabric.no_backward_sync(model, enabled=not stepping):
                 loss, out = adversarial_backward(fabric, model, methods, lambda: nn.functional.cross_entropy(model(ids), y) / k)
@@ -67,7 +68,7 @@ def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module
     return net, losses, outcomes
 
 
-def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1, epochs=EPOCHS, float_logits=False):
+def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1, epochs=SP_EPOCHS, float_logits=False, n=8):
     """The same training in a plain loop with lightning_adv.core.adversarial_backward, without Fabric (with
     ``float_logits``, the logits cast to float32 as Fabric does to the outputs under a float32 default dtype)."""
     net = make_net(dtype)
@@ -75,7 +76,7 @@ def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1,
     torch.manual_seed(1)
     methods = build_methods(spec, net, freelb_init=freelb_init)
     for _ in range(epochs):
-        for i, (ids, y) in enumerate(micro_batches()):
+        for i, (ids, y) in enumerate(micro_batches(n)):
             def loss_fn():
                 ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
                 with ctx:
@@ -100,7 +101,7 @@ def test_float64_fabric_equals_plain_loop(float64_default, spec):
     expected = plain_fit(spec)
     assert diff(net, expected) < 1e-12
     n = len(spec.split("+")) if spec != "none" else 0
-    assert len(outcomes) == 2 * 8 and all(len(o) == n for o in outcomes)
+    assert len(outcomes) == SP_EPOCHS * 8 and all(len(o) == n for o in outcomes)
     assert all(not bool(o.skipped) and o.loss is not None for out in outcomes for o in out)
     assert all(not loss.requires_grad and loss.dtype == torch.float64 for loss in losses)
 
@@ -110,27 +111,26 @@ def test_float64_fabric_equals_reference_snippets(float64_default, method, kwarg
     net, _, _ = fabric_fit(method)
     reference = TextModule(dtype=torch.float64)  # same seed, same initial weights, AdamW(lr=0.05)
     assert diff(reference.model, make_net()) == 0.0 and reference.lr == LR
-    reference_fit(reference, micro_batches(), epochs=EPOCHS, method=method, kwargs=kwargs, accumulate=2)
+    reference_fit(reference, micro_batches(), epochs=SP_EPOCHS, method=method, kwargs=kwargs, accumulate=2)
     assert diff(net, reference.model) < 1e-10
 
 
 def test_float64_model_with_float32_outputs_equals_plain_loop_on_float32_logits():
     """Without a float64 default dtype, Fabric's "64-true" hands back float32 logits: every pass sees them."""
-    net, losses, _ = fabric_fit("fgm+awp")
+    net, losses, _ = fabric_fit("fgm")
     assert losses[0].dtype == torch.float32
-    assert diff(net, plain_fit("fgm+awp", float_logits=True)) < 1e-12
+    assert diff(net, plain_fit("fgm", float_logits=True)) < 1e-12
 
 
 def test_attack_is_not_a_no_op():
-    attacked, _, _ = fabric_fit("fgm+awp")
-    plain, _, _ = fabric_fit("none")
-    assert diff(attacked, plain) > 1e-4
+    attacked, _, _ = fabric_fit("fgm")
+    assert diff(attacked, plain_fit("none")) > 1e-4
 
 
 @pytest.mark.parametrize("spec", ["fgm", "freelb"])
 def test_methods_built_on_fabric_module_or_user_module_agree(float64_default, spec):
-    on_fabric, _, _ = fabric_fit(spec, k=1, epochs=1)
-    on_module, _, _ = fabric_fit(spec, k=1, epochs=1, on_module=True)
+    on_fabric, _, _ = fabric_fit(spec, k=1)
+    on_module, _, _ = fabric_fit(spec, k=1, on_module=True)
     assert diff(on_fabric, on_module) == 0.0
 
 
@@ -151,18 +151,18 @@ def test_accumulated_gradient_is_kept_and_single_method_accepted(float64_default
 # -- bf16-mixed ----------------------------------------------------------------------------------------------------
 def test_bf16_mixed_trains_and_matches_autocast_plain_loop():
     spec = "fgm+awp+freelb"
-    net, losses, outcomes = fabric_fit(spec, precision="bf16-mixed", dtype=torch.float32, freelb_init=0.0)
+    net, losses, outcomes = fabric_fit(spec, precision="bf16-mixed", dtype=torch.float32, freelb_init=0.0, n=4)
     start = make_net(torch.float32)
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert diff(net, start) > 1e-3  # the weights moved
     assert all(torch.isfinite(loss) for loss in losses)
     attacks = [sum(1 for out in outcomes if out[j].loss is not None) for j in range(3)]
     skipped = [sum(int(out[j].skipped) for out in outcomes) for j in range(3)]
-    assert attacks == [16, 16, 16] and skipped == [0, 0, 0]
+    assert attacks == [4] * 3 and skipped == [0, 0, 0]
     assert all(torch.isfinite(o.loss) for out in outcomes for o in out)
     # the autocast happened (Fabric's precision), and it is the plain loop under torch.autocast(bfloat16)
-    expected = plain_fit(spec, dtype=torch.float32, autocast=torch.bfloat16, freelb_init=0.0)
-    fp32 = plain_fit(spec, dtype=torch.float32, freelb_init=0.0)
+    expected = plain_fit(spec, dtype=torch.float32, autocast=torch.bfloat16, freelb_init=0.0, n=4)
+    fp32 = plain_fit(spec, dtype=torch.float32, freelb_init=0.0, n=4)
     assert diff(net, expected) < 1e-5 < diff(net, fp32)
 
 
@@ -181,6 +181,11 @@ def test_errors_name_the_problem():
         adversarial_backward(fabric, net, [FGM(net, **FGM_KW)], loss_fn)
     with pytest.raises(TypeError, match="Fabric object"):
         adversarial_backward(model, model, [], loss_fn)
+    class FSDPStrategy:  # refused by name, as the callbacks refuse sharding strategies
+        pass
+
+    with pytest.raises(ValueError, match="does not support the strategy FSDPStrategy"):
+        adversarial_backward(type("F", (), {"backward": print, "strategy": FSDPStrategy()})(), model, [], loss_fn)
     with pytest.raises(TypeError, match="loss_fn must be a callable"):
         adversarial_backward(fabric, model, [], loss_fn())
     with pytest.raises(ValueError, match=r"methods\[0\] \(FGM\) perturbs embeddings.word_embeddings.weight"):
@@ -255,10 +260,8 @@ def test_ddp_ranks_identical_and_equal_to_single_process(float64_default, ddp_re
     n = 0 if spec == "none" else len(spec.split("+"))
     for r in ranks:
         assert r["attacks"] == [EPOCHS * 16 // WORLD // BATCH] * n and r["skipped"] == [0] * n
-    if spec != "none":  # the attack is not a no-op under DDP either
-        plain = ddp_results["none:2"][0]["weights"][-1] if k == 2 else None
-        if plain is not None:
-            assert float((ranks[0]["weights"][-1] - plain).abs().max()) > 1e-4
+    if spec != "none" and k == 2:  # the attack is not a no-op under DDP either
+        assert float((ranks[0]["weights"][-1] - ddp_results["none:2"][0]["weights"][-1]).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("cfg", DDP_CONFIGS)
