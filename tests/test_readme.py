@@ -1,0 +1,24 @@
+"""The README's self-contained Python snippets run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _snippet(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", open(README, encoding="utf-8").read(), re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+@pytest.mark.parametrize("marker", ["class Classifier(L.LightningModule)", "outcomes = adversarial_backward(model, methods"])
+def test_readme_snippet_runs(marker):
+    code = _snippet(marker).replace("logger=False)", "logger=False, enable_progress_bar=False, enable_model_summary=False)")
+    namespace: dict = {}
+    exec(compile(code, f"README:{marker}", "exec"), namespace)
