@@ -8,7 +8,9 @@ from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.core.awp import AWP
-from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern
+from lightning_adv.core.checks import (
+    NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern,
+)
 
 
 class AWPCallback(AdversarialCallback):

@@ -12,7 +12,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_adv.callbacks import compat
-from lightning_adv.callbacks.isolation import SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging
+from lightning_adv.callbacks.isolation import (
+    SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging,
+)
 from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, pass_output
 
 _COORDINATORS: "weakref.WeakKeyDictionary[Any, Coordinator]" = weakref.WeakKeyDictionary()

@@ -7,7 +7,9 @@ from typing import Any, Dict
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, check_non_negative, check_pattern
+from lightning_adv.core.checks import (
+    NonNegativeFloat, NonNegativeInt, ParameterPattern, check_non_negative, check_pattern,
+)
 from lightning_adv.core.fgm import FGM
 
 

@@ -7,7 +7,9 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative, check_module_path
+from lightning_adv.core.checks import (
+    NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative, check_module_path,
+)
 from lightning_adv.core.freelb import FreeLB
 
 
