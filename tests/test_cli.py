@@ -198,6 +198,10 @@ def test_unknown_callback_class_is_a_parse_error(capsys: Any) -> None:
             "lightning_adv.callbacks.robust.RobustAccuracy",
             {"epsilon": "L2 norm of the perturbation", "num_classes": "number of classes", "validate": "measure during validation"},
         ),
+        ("lightning_adv.PGDCallback", {"alpha": "step size of each pass", "steps": "number of adversarial passes"}),
+        ("lightning_adv.FreeLBCallback", {"adv_steps": "ascent passes after the clean one", "norm_type": "l2"}),
+        ("lightning_adv.SMARTCallback", {"adv_alpha": "weight of the regulariser", "norm": "per-token normalisation"}),
+        ("lightning_adv.R3FCallback", {"eps": "noise magnitude", "r3f_lambda": "weight of the regulariser"}),
     ],
 )
 def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: Any) -> None:
@@ -208,6 +212,7 @@ def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: An
     for arg, doc in docs.items():
         assert f"--trainer.callbacks.{arg}" in out or f"--trainer.callbacks.init_args.{arg}" in out, arg
         assert doc in out, (arg, doc)
+    assert "``" not in out  # no raw reST markup in the help
 
 
 RANGE_ERRORS = [
@@ -228,6 +233,10 @@ RANGE_ERRORS = [
     ("SMARTCallback", "adv_alpha", "-1", ">= 0"),
     ("SMARTCallback", "steps", "0", "integer >= 1"),
     ("SMARTCallback", "norm", "fro", "inf"),
+    ("RobustAccuracy", "epsilon", "-1", ">= 0"),
+    ("RobustAccuracy", "steps", "0", "integer >= 1"),
+    ("RobustAccuracy", "norm_type", "l1", "l2"),
+    ("AWPCallback", "start_step", "-5", "integer >= 0"),
 ]
 
 

@@ -14,7 +14,7 @@ from lightning_adv.core.pgd import PGD
 
 
 class PGDCallback(AdversarialCallback):
-    """Adds the gradient at the end of a ``steps``-pass projected ascent on the embedding weights.
+    """Adds the gradient at the end of a projected ascent of several passes on the embedding weights.
 
     The competition PGD (fyubang's snippet, bert4torch): each pass moves the matched weights by
     ``alpha * g / ||g||_F`` and projects them into the Frobenius ball of radius ``epsilon`` around the clean

@@ -14,7 +14,9 @@ from lightning_adv.core.r3f import R3F
 
 
 class R3FCallback(AdversarialCallback):
-    """Adds ``r3f_lambda * symmetric_KL(f(x), f(x + noise))`` to every training micro-batch's loss.
+    """Adds r3f_lambda times the symmetric KL between the logits at clean and noisy embeddings to every loss.
+
+    The loss becomes ``loss + r3f_lambda * symmetric_KL(f(x), f(x + noise))``.
 
     The noise (``U(-eps, eps)`` or ``N(0, eps)``) goes on the input-embedding output of the real tokens
     (:class:`~lightning_adv.core.R3F`, after fairseq ``examples/rxf``). The module's ``training_step`` must

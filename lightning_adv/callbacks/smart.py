@@ -14,7 +14,9 @@ from lightning_adv.core.smart import SMART
 
 
 class SMARTCallback(AdversarialCallback):
-    """Adds ``adv_alpha * symmetric_KL(f(x), f(x + delta))`` to every training micro-batch's loss, with ``delta``
+    """Adds adv_alpha times the symmetric KL between the logits at the embeddings and at adversarial ones to every loss.
+
+    The loss becomes ``loss + adv_alpha * symmetric_KL(f(x), f(x + delta))``, with ``delta``
     found by ``steps`` ascent steps on the input-embedding output (:class:`~lightning_adv.core.SMART`, after
     mt-dnn ``SmartPerturbation``). The module's ``training_step`` must return ``{"loss": loss, "logits": logits}``.
     Costs about two passes with ``steps=1``. Logs ``adv/smart_loss`` (the symmetric KL) and the counters.
