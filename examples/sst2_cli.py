@@ -84,7 +84,8 @@ class SentenceClassifier(L.LightningModule):
     """A ``transformers`` ``AutoModelForSequenceClassification`` fine-tuned with AdamW and a linear schedule.
 
     Implements the ``robust_forward(batch) -> (logits, labels)`` protocol of
-    :class:`lightning_adv.callbacks.robust.RobustAccuracy`.
+    :class:`lightning_adv.callbacks.robust.RobustAccuracy`; ``training_step`` returns ``{"loss", "logits"}``, so
+    every callback works with it, SMARTCallback and R3FCallback included.
 
     Args:
         model_name_or_path: a local model directory or Hub name; None: the pretrained MiniLM-L6 of the

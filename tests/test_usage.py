@@ -376,7 +376,7 @@ class GradRecorder(Callback):
         self.batch = batch
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads.append([p.grad.detach().clone() for p in pl_module.model.parameters()])
+        self.grads.append([None if p.grad is None else p.grad.detach().clone() for p in pl_module.model.parameters()])
         start = pl_module.start  # the clean gradient of this batch, by hand
         ids, y = self.batch
         loss = nn.functional.cross_entropy(start(ids), y)
@@ -386,9 +386,8 @@ class GradRecorder(Callback):
 @pytest.mark.parametrize("make", [
     lambda: FGMCallback(epsilon=1.0),
     lambda: PGDCallback(steps=2),
-    lambda: AWPCallback(adv_lr=0.5),
     lambda: FreeLBCallback(adv_init_mag=0.0, embedding="model.embeddings.word_embeddings"),
-], ids=["fgm", "pgd", "awp", "freelb"])
+], ids=["fgm", "pgd", "freelb"])
 def test_none_from_an_adversarial_pass_skips_that_attack_only(make):
     module, cb, rec = SkipsSecondAttack(dtype=torch.float64), make(), GradRecorder()
     trainer(max_steps=3, callbacks=[cb, rec]).fit(module, loader(make_data(12)))
@@ -397,6 +396,16 @@ def test_none_from_an_adversarial_pass_skips_that_attack_only(make):
     same = [all(torch.allclose(g, c, rtol=0, atol=1e-12) for g, c in zip(gs, cs)) for gs, cs in zip(rec.grads, rec.clean)]
     assert same == [False, True, False]  # the skipped step trained on its clean gradient, exactly
     assert float(module.trainer.callback_metrics[f"adv/{cb.method.name}_skipped"]) == 1
+
+
+def test_none_from_an_awp_pass_skips_the_micro_batch():
+    """AWP computes its bounds in the clean gradient (no second gradient-sized buffer), so a skipped AWP pass leaves
+    the micro-batch without gradient, as Lightning's own None does; training goes on."""
+    module, cb, rec = SkipsSecondAttack(dtype=torch.float64), AWPCallback(adv_lr=0.5), GradRecorder()
+    t = trainer(max_steps=3, callbacks=[cb, rec])
+    t.fit(module, loader(make_data(12)))
+    assert t.global_step == 3 and cb.attacks == 3 and cb.skipped == 1
+    assert all(g is None for g in rec.grads[1]) and all(g is not None for g in rec.grads[0] + rec.grads[2])
 
 
 # -- 7. dataloader_iter ------------------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ class ParameterMethod(Method):
                 finite_t = self._perturb(snapshot, grads, t)
                 if t == 0:
                     finite = finite_t
+                grads = []  # no reference kept: a scratch clean gradient (AWP) is freed by zero_grad
                 step.zero_grad()
                 out = step.forward(final=t == num_passes - 1)
                 step.backward(out.loss)

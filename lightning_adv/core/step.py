@@ -76,6 +76,11 @@ class AttackStep:
         after = [i for i, m in enumerate(self.methods) if getattr(m, "runs_after_backward", True)]
         self._last = after[-1] if after else -1
         self._skipped_before: Dict[int, Outcome] = {}
+        # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
+        self._single = len(after) == 1
+        self._live = False  # the clean gradient still lives in .grad
+        self._consumed = False  # handed to a replacing method as scratch
+        self._backwards = 0
         self.outcomes: List[Outcome] = []
 
     # -- phases, called by the driver ----------------------------------------------------------------------------
@@ -104,22 +109,34 @@ class AttackStep:
             self.sync.prepare(output)
 
     def after_backward(self) -> List[Outcome]:
-        """After the clean backward: every method from the clean gradient, then one merge."""
-        if self._last >= 0:
-            self._clean = self._base = self._take()
+        """After the clean backward: every method from the clean gradient, then one merge.
+
+        With one method after the backward, the clean gradient stays in ``.grad`` (no second gradient-sized
+        buffer): FGM and FreeLB accumulate onto it, PGD moves it aside when it clears ``.grad``, and AWP uses it as
+        scratch (a skipped AWP attack then leaves the micro-batch without gradient). With several methods it is
+        moved aside at once, and each method's contribution is kept apart until the merge.
+        """
         self._base_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
+        if self._single:
+            self._live = True
+            if self._base_weight != 1.0:  # FreeLB: weight the clean gradient in place
+                grads = [p.grad for p in self.params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, self._base_weight)
+                self._base_weight = 1.0
+        elif self._last >= 0:
+            self._clean = self._base = self._take()
         for i, method in enumerate(self.methods):
             self._current = i
             if i in self._skipped_before:
                 self.outcomes.append(self._skipped_before[i])
                 continue
             try:
+                self._backwards = 0
                 outcome = method.run(self)
             except SkipAttack:
-                self.zero_grad()
                 outcome = Outcome(None, torch.ones((), dtype=torch.bool))
-                if self._base is self._clean:  # a skipped method does not weight the clean gradient (FreeLB)
-                    self._base_weight /= float(getattr(method, "clean_weight", 1.0))
+                self._skipped(method)
             self.outcomes.append(outcome)
             if not getattr(method, "runs_after_backward", True):
                 continue
@@ -133,13 +150,25 @@ class AttackStep:
             self._merge(replacing=False)
         return self.outcomes
 
+    def _skipped(self, method: Any) -> None:
+        """A pass returned None: drop what the method's passes added, keep the clean gradient where it still is."""
+        weight = float(getattr(method, "clean_weight", 1.0))
+        if not self._live:
+            self.zero_grad()
+            if self._base is not None and self._base is self._clean:  # a skipped method does not weight it (FreeLB)
+                self._base_weight /= weight
+        elif self._backwards == 0 and weight != 1.0:  # still only the (weighted) clean gradient in .grad
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 / weight)
+
     def close(self) -> None:
         """Remove the methods' hooks, put back anything still aside, release the DDP sync (idempotent)."""
         try:
             for method in self.methods:
                 method.finish()
         finally:
-            if not self._merged and self._clean is not None:
+            if not self._merged and (self._clean is not None or self._live):
                 self._merge(replacing=False)
             self.earlier.merge()
             self.sync.release()
@@ -149,14 +178,23 @@ class AttackStep:
         """The micro-batch's clean gradient of each of ``params`` (``None`` where it has none). With
         ``writable``, copies the caller may overwrite: the clean gradient stays whole, since a pass that returns
         None (a skipped attack) falls back to it."""
-        assert self._clean is not None, "clean_grads() is only available while the methods run"
-        grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
+        if self._live:
+            grads = [p.grad if id(p) in self._position else None for p in params]
+            if writable and getattr(self.methods[self._current], "replaces_gradient", False):
+                self._live, self._consumed = False, True  # the method overwrites it: nothing falls back to it
+                return grads
+        else:
+            assert self._clean is not None, "clean_grads() is only available while the methods run"
+            grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
         if writable:
             grads = [None if g is None else g.clone() for g in grads]
         return grads
 
     def zero_grad(self) -> None:
-        """Discard the gradients of the method's earlier passes."""
+        """Discard the gradients of the method's earlier passes (the clean gradient is moved aside, not lost)."""
+        if self._live:
+            self._live = False
+            self._clean = self._base = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
 
@@ -175,6 +213,7 @@ class AttackStep:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate a loss of this micro-batch as its clean loss is (accumulation, scaling, precision)."""
+        self._backwards += 1
         self._backward(loss)
 
     def extra_forward(self) -> PassOutput:
@@ -187,10 +226,12 @@ class AttackStep:
     # -- gradient bookkeeping ----------------------------------------------------------------------------------------
     def _take(self) -> Grads:
         grads = [p.grad for p in self.params]
-        self.zero_grad()
+        for p in self.params:
+            p.grad = None
         return grads
 
     def _merge(self, replacing: bool) -> None:
+        self._live = False
         lists: List[Grads] = [self._take()]
         if not replacing and self._base is not None:
             if self._base_weight != 1.0:
