@@ -130,6 +130,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, cells in rows:
         print(name.ljust(width) + "  " + "  ".join(cell.rjust(c) for cell, c in zip(cells, cols)))
     print("\nRobust: each test sentence attacked alone, one fast-gradient step on its embedding output (L2 radius @eps).")
+    print("Time per step: the median over the epoch's training steps, under the machine's load at the time.")
     print("One seed on a small sample: a demonstration. Comparison over seeds: benchmarks/results/sst2.md", flush=True)
 
 
