@@ -794,7 +794,7 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
         "```",
         "",
         f"- Hardware: {hw}.",
-        f"- Compute so far: {len(runs)} runs, {total / 3600:.1f} h of wall time summed over the runs. The machine's cores were "
+        f"- Compute so far: {len(runs)} run{'s' if len(runs) != 1 else ''}, {total / 3600:.1f} h of wall time summed over the runs. The machine's cores were "
         "shared with other jobs (see the load column), so the times are indicative; the accuracies do not depend on it.",
         "",
     ]
