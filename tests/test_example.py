@@ -75,12 +75,13 @@ def test_cli_fit_then_test_with_real_minilm(tmp_path: Any, capsys: Any, monkeypa
     (fgm,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FGMCallback)]
     (robust,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, RobustAccuracy)]
     assert fgm.attacks == 2 and fgm.epsilon == 0.3
-    assert robust.epsilon == 1.0 and robust.batches == 2 + 2  # 12 dev rows, then 12 test rows, in batches of 6
+    assert robust.epsilon == [0.05, 0.125, 0.25] and robust.batches == 2 + 2  # 12 dev rows, 12 test rows, batches of 6
     metrics = cli.last_test_metrics
-    assert {"test_acc", "test_robust_acc"} <= set(metrics)
-    assert 0.0 <= float(metrics["test_robust_acc"]) <= 1.0 and 0.0 <= float(metrics["test_acc"]) <= 1.0
-    assert {"val_acc", "val_robust_acc"} <= set(cli.last_val_metrics)
+    curve = [f"test_robust_acc@{e}" for e in ("0.05", "0.125", "0.25")]
+    assert {"test_acc", *curve} <= set(metrics)  # the robustness curve
+    assert all(0.0 <= float(metrics[k]) <= 1.0 for k in curve) and 0.0 <= float(metrics["test_acc"]) <= 1.0
+    assert {"val_acc", "val_robust_acc@0.125"} <= set(cli.last_val_metrics)
     assert cli.trainer.checkpoint_callback.best_model_path.endswith(".ckpt")
     out = capsys.readouterr().out
-    assert "RESULT test clean accuracy = " in out and "test robust accuracy (FGM epsilon=1)" in out
+    assert "RESULT test clean accuracy = " in out and "test robust accuracy (FGM epsilon=0.05,0.125,0.25)" in out
     assert "FGMCallback(epsilon=0.3)" in out
