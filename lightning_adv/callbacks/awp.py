@@ -8,9 +8,7 @@ from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.core.awp import AWP
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt
 
 
 class AWPCallback(AdversarialCallback):
@@ -49,10 +47,7 @@ class AWPCallback(AdversarialCallback):
         self, adv_param: ParameterPattern = "weight", adv_lr: NonNegativeFloat = 1.0, adv_eps: NonNegativeFloat = 0.2,
         start_epoch: NonNegativeInt = 0, adv_step: PositiveInt = 1, start_step: NonNegativeInt = 0
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)
-        check_int(owner, "adv_step", adv_step, 1, "the number of adversarial passes")
-        check_pattern(owner, "adv_param", adv_param)
+        AWP.check_arguments(type(self).__name__, adv_param, adv_lr, adv_eps, adv_step)
         super().__init__(start_epoch=start_epoch, start_step=start_step)
         self.adv_param, self.adv_lr, self.adv_eps, self.adv_step = adv_param, adv_lr, adv_eps, adv_step
 

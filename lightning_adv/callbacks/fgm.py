@@ -7,9 +7,7 @@ from typing import Any, Dict
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, ParameterPattern, check_non_negative, check_pattern,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern
 from lightning_adv.core.fgm import FGM
 
 
@@ -41,8 +39,7 @@ class FGMCallback(AdversarialCallback):
     """
 
     def __init__(self, epsilon: NonNegativeFloat = 1.0, emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0) -> None:
-        check_non_negative(type(self).__name__, epsilon=epsilon)
-        check_pattern(type(self).__name__, "emb_name", emb_name)
+        FGM.check_arguments(type(self).__name__, epsilon, emb_name)
         super().__init__(start_epoch=start_epoch)
         self.epsilon = epsilon
         self.emb_name = emb_name

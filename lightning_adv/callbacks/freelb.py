@@ -7,9 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative, check_module_path,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning_adv.core.freelb import FreeLB
 
 
@@ -62,11 +60,7 @@ class FreeLBCallback(AdversarialCallback):
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
-        check_int(owner, "adv_steps", adv_steps, 1, "the number of ascent passes after the clean one")
-        check_choice(owner, "norm_type", norm_type, ("l2", "linf"))
-        check_module_path(owner, "embedding", embedding)
+        FreeLB.check_arguments(type(self).__name__, adv_lr, adv_steps, adv_init_mag, adv_max_norm, norm_type, embedding)
         super().__init__(start_epoch=start_epoch)
         self.adv_lr, self.adv_steps, self.adv_init_mag = adv_lr, adv_steps, adv_init_mag
         self.adv_max_norm, self.norm_type, self.embedding = adv_max_norm, norm_type, embedding

@@ -7,9 +7,7 @@ from typing import Any, Dict
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt, check_int, check_non_negative, check_pattern,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, ParameterPattern, PositiveInt
 from lightning_adv.core.pgd import PGD
 
 
@@ -45,10 +43,7 @@ class PGDCallback(AdversarialCallback):
         self, epsilon: NonNegativeFloat = 1.0, alpha: NonNegativeFloat = 0.3, steps: PositiveInt = 3,
         emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, epsilon=epsilon, alpha=alpha)
-        check_int(owner, "steps", steps, 1, "the number of adversarial passes")
-        check_pattern(owner, "emb_name", emb_name)
+        PGD.check_arguments(type(self).__name__, epsilon, alpha, steps, emb_name)
         super().__init__(start_epoch=start_epoch)
         self.epsilon, self.alpha, self.steps, self.emb_name = epsilon, alpha, steps, emb_name
 

@@ -7,9 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, check_choice, check_non_negative, check_module_path,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt
 from lightning_adv.core.r3f import R3F
 
 
@@ -59,10 +57,7 @@ class R3FCallback(AdversarialCallback):
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, eps=eps, r3f_lambda=r3f_lambda)
-        check_choice(owner, "noise_type", noise_type, ("uniform", "normal"))
-        check_module_path(owner, "embedding", embedding)
+        R3F.check_arguments(type(self).__name__, eps, r3f_lambda, noise_type, embedding)
         super().__init__(start_epoch=start_epoch)
         self.eps, self.r3f_lambda, self.noise_type, self.embedding = eps, r3f_lambda, noise_type, embedding
 

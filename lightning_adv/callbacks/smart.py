@@ -7,9 +7,7 @@ from typing import Any, Dict, Literal, Optional
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
-from lightning_adv.core.checks import (
-    NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_int, check_non_negative, check_module_path,
-)
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning_adv.core.smart import SMART
 
 
@@ -63,11 +61,7 @@ class SMARTCallback(AdversarialCallback):
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, adv_alpha=adv_alpha, step_size=step_size, noise_var=noise_var, epsilon=epsilon)
-        check_int(owner, "steps", steps, 1, "the number of ascent steps")
-        check_choice(owner, "norm", norm, ("inf", "l2", "l1"))
-        check_module_path(owner, "embedding", embedding)
+        SMART.check_arguments(type(self).__name__, adv_alpha, step_size, noise_var, epsilon, steps, norm, embedding)
         super().__init__(start_epoch=start_epoch)
         self.adv_alpha, self.step_size, self.noise_var, self.epsilon = adv_alpha, step_size, noise_var, epsilon
         self.steps, self.norm, self.embedding = steps, norm, embedding

@@ -53,13 +53,17 @@ class AWP(ParameterMethod):
     def __init__(
         self, model: nn.Module, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2, adv_step: int = 1
     ) -> None:
-        owner = type(self).__name__
+        self.check_arguments(type(self).__name__, adv_param, adv_lr, adv_eps, adv_step)
+        super().__init__(model, select_trainable(model, adv_param, owner=type(self).__name__, argument="adv_param", hint="weight"))
+        self.adv_lr, self.adv_eps, self.adv_step = float(adv_lr), float(adv_eps), int(adv_step)
+        self._grad_scale = 1.0
+
+    @staticmethod
+    def check_arguments(owner: str, adv_param: str, adv_lr: float, adv_eps: float, adv_step: int) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
         check_non_negative(owner, adv_lr=adv_lr, adv_eps=adv_eps)
         check_int(owner, "adv_step", adv_step, 1, "the number of adversarial passes")
         check_pattern(owner, "adv_param", adv_param)
-        super().__init__(model, select_trainable(model, adv_param, owner=owner, argument="adv_param", hint="weight"))
-        self.adv_lr, self.adv_eps, self.adv_step = float(adv_lr), float(adv_eps), int(adv_step)
-        self._grad_scale = 1.0
 
     def enabled(self) -> bool:
         return self.adv_lr != 0

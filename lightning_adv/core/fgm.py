@@ -53,11 +53,15 @@ class FGM(ParameterMethod):
     name = "fgm"
 
     def __init__(self, model: nn.Module, epsilon: float = 1.0, emb_name: str = "word_embeddings") -> None:
-        owner = type(self).__name__
+        self.check_arguments(type(self).__name__, epsilon, emb_name)
+        super().__init__(model, select_trainable(model, emb_name, owner=type(self).__name__, argument="emb_name", hint="embed"))
+        self.epsilon = float(epsilon)
+
+    @staticmethod
+    def check_arguments(owner: str, epsilon: float, emb_name: str) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
         check_non_negative(owner, epsilon=epsilon)
         check_pattern(owner, "emb_name", emb_name)
-        super().__init__(model, select_trainable(model, emb_name, owner=owner, argument="emb_name", hint="embed"))
-        self.epsilon = float(epsilon)
 
     def enabled(self) -> bool:
         return self.epsilon != 0

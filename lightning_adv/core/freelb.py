@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from lightning_adv.core.checks import check_choice, check_int, check_non_negative
+from lightning_adv.core.checks import check_choice, check_int, check_module_path, check_non_negative
 from lightning_adv.core.embedding import EmbeddingOutput, lengths, per_example_norms
 from lightning_adv.core.method import Method
 from lightning_adv.core.step import AttackStep, Outcome, PassOutput
@@ -60,15 +60,20 @@ class FreeLB(Method):
         embedding: Optional[str] = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
-        check_non_negative(owner, adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
-        check_int(owner, "adv_steps", adv_steps, 1, "the number of ascent passes after the clean one")
-        check_choice(owner, "norm_type", norm_type, ("l2", "linf"))
+        self.check_arguments(type(self).__name__, adv_lr, adv_steps, adv_init_mag, adv_max_norm, norm_type, embedding)
         self.model = model
-        self.target = EmbeddingOutput(model, embedding, owner)
+        self.target = EmbeddingOutput(model, embedding, type(self).__name__)
         self.adv_lr, self.adv_steps = float(adv_lr), int(adv_steps)
         self.adv_init_mag, self.adv_max_norm, self.norm_type = float(adv_init_mag), float(adv_max_norm), norm_type
         self.clean_weight = 1.0 / (1 + self.adv_steps)
+
+    @staticmethod
+    def check_arguments(owner: str, adv_lr: float, adv_steps: int, adv_init_mag: float, adv_max_norm: float, norm_type: str, embedding: Optional[str]) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
+        check_non_negative(owner, adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
+        check_int(owner, "adv_steps", adv_steps, 1, "the number of ascent passes after the clean one")
+        check_choice(owner, "norm_type", norm_type, ("l2", "linf"))
+        check_module_path(owner, "embedding", embedding)
 
     def enabled(self) -> bool:
         return self.adv_lr != 0 or self.adv_init_mag != 0

@@ -47,12 +47,16 @@ class PGD(ParameterMethod):
     def __init__(
         self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3, emb_name: str = "word_embeddings"
     ) -> None:
-        owner = type(self).__name__
+        self.check_arguments(type(self).__name__, epsilon, alpha, steps, emb_name)
+        super().__init__(model, select_trainable(model, emb_name, owner=type(self).__name__, argument="emb_name", hint="embed"))
+        self.epsilon, self.alpha, self.steps = float(epsilon), float(alpha), int(steps)
+
+    @staticmethod
+    def check_arguments(owner: str, epsilon: float, alpha: float, steps: int, emb_name: str) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
         check_non_negative(owner, epsilon=epsilon, alpha=alpha)
         check_int(owner, "steps", steps, 1, "the number of adversarial passes")
         check_pattern(owner, "emb_name", emb_name)
-        super().__init__(model, select_trainable(model, emb_name, owner=owner, argument="emb_name", hint="embed"))
-        self.epsilon, self.alpha, self.steps = float(epsilon), float(alpha), int(steps)
 
     def enabled(self) -> bool:
         return self.alpha != 0

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_adv.core.checks import check_choice, check_non_negative
+from lightning_adv.core.checks import check_choice, check_module_path, check_non_negative
 from lightning_adv.core.smoothness import SmoothnessMethod, is_regression, symmetric_kl
 from lightning_adv.core.step import AttackStep, PassOutput
 
@@ -56,11 +56,16 @@ class R3F(SmoothnessMethod):
         embedding: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, eps=eps, r3f_lambda=r3f_lambda)
-        check_choice(owner, "noise_type", noise_type, ("uniform", "normal"))
+        self.check_arguments(type(self).__name__, eps, r3f_lambda, noise_type, embedding)
         super().__init__(model, embedding, generator)
         self.eps, self.weight, self.noise_type = float(eps), float(r3f_lambda), noise_type
+
+    @staticmethod
+    def check_arguments(owner: str, eps: float, r3f_lambda: float, noise_type: str, embedding: Optional[str]) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
+        check_non_negative(owner, eps=eps, r3f_lambda=r3f_lambda)
+        check_choice(owner, "noise_type", noise_type, ("uniform", "normal"))
+        check_module_path(owner, "embedding", embedding)
 
     def enabled(self) -> bool:
         return self.eps != 0 and self.weight != 0

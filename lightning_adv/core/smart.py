@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_adv.core.checks import check_choice, check_int, check_non_negative
+from lightning_adv.core.checks import check_choice, check_int, check_module_path, check_non_negative
 from lightning_adv.core.smoothness import SmoothnessMethod, is_regression, stable_kl, sym_kl_criterion
 from lightning_adv.core.step import AttackStep, PassOutput
 
@@ -67,13 +67,18 @@ class SMART(SmoothnessMethod):
         embedding: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        owner = type(self).__name__
-        check_non_negative(owner, adv_alpha=adv_alpha, step_size=step_size, noise_var=noise_var, epsilon=epsilon)
-        check_int(owner, "steps", steps, 1, "the number of ascent steps")
-        check_choice(owner, "norm", norm, ("inf", "l2", "l1"))
+        self.check_arguments(type(self).__name__, adv_alpha, step_size, noise_var, epsilon, steps, norm, embedding)
         super().__init__(model, embedding, generator)
         self.weight, self.step_size, self.noise_var = float(adv_alpha), float(step_size), float(noise_var)
         self.epsilon, self.steps, self.norm = float(epsilon), int(steps), norm
+
+    @staticmethod
+    def check_arguments(owner: str, adv_alpha: float, step_size: float, noise_var: float, epsilon: float, steps: int, norm: str, embedding: Optional[str]) -> None:
+        """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
+        check_non_negative(owner, adv_alpha=adv_alpha, step_size=step_size, noise_var=noise_var, epsilon=epsilon)
+        check_int(owner, "steps", steps, 1, "the number of ascent steps")
+        check_choice(owner, "norm", norm, ("inf", "l2", "l1"))
+        check_module_path(owner, "embedding", embedding)
 
     def enabled(self) -> bool:
         return self.weight != 0
