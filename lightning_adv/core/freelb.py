@@ -68,7 +68,9 @@ class FreeLB(Method):
         self.clean_weight = 1.0 / (1 + self.adv_steps)
 
     @staticmethod
-    def check_arguments(owner: str, adv_lr: float, adv_steps: int, adv_init_mag: float, adv_max_norm: float, norm_type: str, embedding: Optional[str]) -> None:
+    def check_arguments(
+        owner: str, adv_lr: float, adv_steps: int, adv_init_mag: float, adv_max_norm: float, norm_type: str, embedding: Optional[str],
+    ) -> None:
         """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
         check_non_negative(owner, adv_lr=adv_lr, adv_init_mag=adv_init_mag, adv_max_norm=adv_max_norm)
         check_int(owner, "adv_steps", adv_steps, 1, "the number of ascent passes after the clean one")

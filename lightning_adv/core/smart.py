@@ -73,7 +73,9 @@ class SMART(SmoothnessMethod):
         self.epsilon, self.steps, self.norm = float(epsilon), int(steps), norm
 
     @staticmethod
-    def check_arguments(owner: str, adv_alpha: float, step_size: float, noise_var: float, epsilon: float, steps: int, norm: str, embedding: Optional[str]) -> None:
+    def check_arguments(
+        owner: str, adv_alpha: float, step_size: float, noise_var: float, epsilon: float, steps: int, norm: str, embedding: Optional[str],
+    ) -> None:
         """Raise ``ValueError`` naming the first bad argument (shared with the callback, which checks at construction)."""
         check_non_negative(owner, adv_alpha=adv_alpha, step_size=step_size, noise_var=noise_var, epsilon=epsilon)
         check_int(owner, "steps", steps, 1, "the number of ascent steps")
