@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach the Hub
@@ -321,4 +322,8 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True, **kwargs: Any) 
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quiet import quiet
+
+    quiet()  # the progress bar and the results, without Lightning's tips or dependency deprecations
     cli_main()
