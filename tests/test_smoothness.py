@@ -281,3 +281,18 @@ def test_training_step_without_logits_fails_at_the_first_step():
     t = trainer(max_epochs=1, callbacks=[R3FCallback(embedding="model." + EMB)])
     with pytest.raises(ValueError, match="return \\{'loss': loss, 'logits': logits\\} from training_step"):
         t.fit(NoLogits(), loader(make_data(8)))
+
+
+def test_side_effects_of_the_extra_forwards_are_reported():
+    class Collecting(LogitsModule):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.outputs.append(out["loss"].detach())
+            return out
+
+    with pytest.warns(UserWarning, match=r"changed self\.outputs"):
+        trainer(max_epochs=1, callbacks=[R3FCallback(embedding="model." + EMB)]).fit(Collecting(), loader(make_data(8)))

@@ -52,6 +52,7 @@ class Coordinator:
         self._batch: Any = None
         self._phase = ""
         self._captured: Any = None
+        self._watch: Optional[SideEffects] = None  # the module's public state after the clean pass
         self._capturing: Any = None  # the module whose training_step output is captured
         self._warned: set = set()
 
@@ -121,6 +122,7 @@ class Coordinator:
         if self.step is not None and self._phase == "forward" and pl_module.automatic_optimization:
             self._phase = "backward"
             output, self._captured = self._captured, None
+            self._watch = SideEffects(pl_module)
             with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
                 self.step.before_backward(output)
 
@@ -134,7 +136,7 @@ class Coordinator:
         self._run(pl_module, self.step)
 
     def close(self) -> None:
-        step, self.step, self._batch, self._phase, self._captured = self.step, None, None, "", None
+        step, self.step, self._batch, self._phase, self._captured, self._watch = self.step, None, None, "", None, None
         module, self._capturing = self._capturing, None
         if module is not None and "training_step" in vars(module):
             object.__delattr__(module, "training_step")
@@ -165,6 +167,7 @@ class Coordinator:
             step.before_forward()
             output = loss_fn()
             loss = _required(output)
+            self._watch = SideEffects(pl_module)
             with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
                 step.before_backward(output)
             pl_module.manual_backward(loss)
@@ -176,7 +179,7 @@ class Coordinator:
 
     # -- both ---------------------------------------------------------------------------------------------------
     def _run(self, pl_module: Any, step: AttackStep) -> None:
-        watch = SideEffects(pl_module)
+        watch, self._watch = self._watch or SideEffects(pl_module), None
         # buffers are restored after the backward passes: autograd may have saved them (BatchNorm, BERT ids)
         with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
             outcomes = step.after_backward()
