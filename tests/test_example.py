@@ -85,3 +85,20 @@ def test_cli_fit_then_test_with_real_minilm(tmp_path: Any, capsys: Any, monkeypa
     out = capsys.readouterr().out
     assert "RESULT test clean accuracy = " in out and "test robust accuracy (FGM epsilon=0.05,0.125,0.25)" in out
     assert "FGMCallback(epsilon=0.3)" in out
+
+
+def test_demo_prints_the_side_by_side_table(tmp_path: Any) -> None:
+    """The README's main command, on 12 sentences per split: both trainings run and the table is printed."""
+    import subprocess
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(data)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "sst2_demo.py"), "--data_dir", str(data), "--method", "r3f"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "no attack" in out and "R3F eps=1e-5" in out and "robust test accuracy @0.125" in out, out[-2000:]
+    assert "clean test accuracy" in out and "time per training step" in out
+    assert "Tip:" not in proc.stdout + proc.stderr  # quiet: Lightning's tips are dropped
