@@ -113,7 +113,8 @@ class AttackStep:
 
         With one method after the backward, the clean gradient stays in ``.grad`` (no second gradient-sized
         buffer): FGM and FreeLB accumulate onto it, PGD moves it aside when it clears ``.grad``, and AWP uses it as
-        scratch (a skipped AWP attack then leaves the micro-batch without gradient). With several methods it is
+        scratch (a skipped AWP attack then leaves the micro-batch without gradient; a FreeLB attack skipped after some
+        ascent passes keeps those passes). With several methods it is
         moved aside at once, and each method's contribution is kept apart until the merge.
         """
         self._base_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
