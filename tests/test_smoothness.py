@@ -296,3 +296,15 @@ def test_side_effects_of_the_extra_forwards_are_reported():
 
     with pytest.warns(UserWarning, match=r"changed self\.outputs"):
         trainer(max_epochs=1, callbacks=[R3FCallback(embedding="model." + EMB)]).fit(Collecting(), loader(make_data(8)))
+
+
+@pytest.mark.parametrize("make", [lambda: R3FCallback(embedding="model." + EMB, start_epoch=1),
+                                  lambda: SMARTCallback(embedding="model." + EMB, start_epoch=1)])
+def test_start_epoch_and_counters(make):
+    cb = make()
+    t = trainer(max_epochs=2, callbacks=[cb])
+    t.fit(LogitsModule(), loader(make_data(8)))  # 2 batches per epoch: only the second epoch's are regularised
+    assert cb.attacks == 2 and cb.skipped == 0
+    name = cb.method.name
+    assert float(t.callback_metrics[f"adv/{name}_attacks"]) == 2 and float(t.callback_metrics[f"adv/{name}_skipped"]) == 0
+    assert float(t.callback_metrics[f"adv/{name}_loss_epoch"]) >= 0
