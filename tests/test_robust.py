@@ -555,3 +555,22 @@ def test_stages_can_be_switched_off() -> None:
     assert t.validate(RobustModule(), eval_loader(examples(8)), verbose=False)[0] == {}
     assert "test_robust_acc" in t.test(RobustModule(), eval_loader(examples(8)), verbose=False)[0]
     assert robust.batches == 2
+
+
+def test_ddp_ranks_report_the_mean_over_all_examples(tmp_path: Any) -> None:
+    """2 gloo ranks, each validating its DistributedSampler half: torchmetrics syncs the sums, so every rank logs
+    the accuracy over all 40 examples, equal to one process."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "robust_ddp_script.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected = core(trained(), batches(examples(40, seed=8), 40), epsilon=[0.5, 1.0])
+    for rank in ranks:
+        assert rank["batches"] == 4  # 20 examples per rank, batches of 5
+        for eps in ("0.5", "1"):
+            assert rank[f"val_robust_acc@{eps}"] == pytest.approx(expected[f"robust_acc@{eps}"], abs=1e-6)
+            assert rank[f"val_robust_loss_gain@{eps}"] == pytest.approx(expected[f"robust_loss_gain@{eps}"], abs=1e-4)
