@@ -22,3 +22,12 @@ def test_readme_snippet_runs(marker):
     code = _snippet(marker).replace("logger=False)", "logger=False, enable_progress_bar=False, enable_model_summary=False)")
     namespace: dict = {}
     exec(compile(code, f"README:{marker}", "exec"), namespace)
+
+
+def test_readme_example_attacks_with_every_method(capsys):
+    code = _snippet("class Classifier(L.LightningModule)")
+    code = code.replace("logger=False)", "logger=False, enable_progress_bar=False, enable_model_summary=False)")
+    exec(compile(code, "README:every method", "exec"), {})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("Callback 4", "Callback 2"))]
+    assert printed == [["FGMCallback", "4"], ["PGDCallback", "4"], ["AWPCallback", "2"], ["FreeLBCallback", "4"],
+                       ["R3FCallback", "4"], ["SMARTCallback", "4"]]
