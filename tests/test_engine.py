@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from helpers import TextModule, TinyText, loader, make_data, trainer
 from lightning_adv import FGMCallback, FreeLBCallback, PGDCallback
-from lightning_adv.core import AWP, FGM, PGD, FreeLB, adversarial_backward
+from lightning_adv.core import AWP, FGM, PGD, R3F, FreeLB, adversarial_backward
 
 EMB = "embeddings.word_embeddings"
 
@@ -106,3 +106,51 @@ def test_awp_start_step_attacks_from_that_optimizer_step_on():
     assert cb.attacks == 2
     with pytest.raises(ValueError, match=r"start_step=-1"):
         AWPCallback(start_step=-1)
+
+
+# -- gradients that are views into a shared buffer (FSDP's flat gradient) -------------------------------------------
+
+
+def _views_step(model, methods, ids, y, grads_are_views):
+    from lightning_adv.core import AttackStep
+
+    def loss_fn():
+        logits = model(ids)
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+    step = AttackStep(model.parameters(), methods, loss_fn, grads_are_views=grads_are_views)
+    try:
+        step.before_forward()
+        out = loss_fn()
+        step.before_backward(out)
+        out["loss"].backward()
+        step.after_backward()
+    finally:
+        step.close()
+
+
+@pytest.mark.parametrize("make", [lambda m: FreeLB(m, adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, embedding=EMB),
+                                  lambda m: R3F(m, eps=0.3, embedding=EMB, generator=torch.Generator().manual_seed(1))])
+def test_in_place_gradient_stash_equals_moving_them(make):
+    """With `.grad` kept in place (copied aside and zeroed, as views into FSDP's flat gradient need), an accumulated
+    micro-batch gives exactly the gradient of the default path, which moves the `.grad` tensors aside."""
+    results = []
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        model = TinyText().double()
+        (ids, y), (ids2, y2) = _batch(), (torch.randint(0, 40, (4, 5)), torch.randint(0, 3, (4,)))
+        F.cross_entropy(model(ids), y).backward()  # an earlier micro-batch
+        views = [p.grad for p in model.parameters()]
+        _views_step(model, [make(model)], ids2, y2, in_place)
+        if in_place:  # the same tensors, as FSDP's views must stay
+            assert all(p.grad is v for p, v in zip(model.parameters(), views))
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_two_methods_after_the_backward_refuse_gradient_views():
+    model = TinyText()
+    ids, y = _batch()
+    with pytest.raises(ValueError, match=r"FGM and FreeLB all run after the backward.*at most one of them"):
+        _views_step(model, [FGM(model), FreeLB(model, embedding=EMB)], ids, y, True)

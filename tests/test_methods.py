@@ -513,7 +513,8 @@ def plain_fit(module: TextModule, batches, micro, *, epochs: int, accumulate: in
     params = list(model.parameters())
 
     def ctx():
-        return torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        device = next(model.parameters()).device.type
+        return torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     def backward(loss: torch.Tensor) -> None:
         loss = loss / accumulate

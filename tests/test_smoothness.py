@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import lightning as L
@@ -42,21 +43,32 @@ def assert_close(a, b, atol=1e-12):
 # -- the references ---------------------------------------------------------------------------------------------
 
 
-def reference_r3f(model, ids, y, eps, lam, noise_type, generator, regression=False):
-    tok = model.embeddings.word_embeddings(ids)
-    input_logits = head(model, tok)
+def reference_r3f(model, ids, y, eps, lam, noise_type, generator, regression=False, ctx=contextlib.nullcontext,
+                  backward=lambda loss: loss.backward()):
+    """fairseq's R3F loss; ``ctx``: the autocast of the forward passes (the divergence is computed outside it)."""
+    with ctx():
+        tok = model.embeddings.word_embeddings(ids)
+        input_logits = head(model, tok)
+        clean_loss = F.mse_loss(input_logits[:, 0], y.to(input_logits.dtype)) if regression else F.cross_entropy(input_logits, y)
     noise = torch.empty_like(tok)
     (noise.uniform_(-eps, eps, generator=generator) if noise_type == "uniform" else noise.normal_(0, eps, generator=generator))
-    noised_logits = head(model, tok.detach().clone() + noise)
+    with ctx():  # its own autocast region, as Lightning's steps are (autocast caches its casts of the weights per region)
+        noised_logits = head(model, tok.detach().clone() + noise)
+    wide = torch.promote_types(input_logits.dtype, torch.float32)  # fairseq: dtype=torch.float32
     if regression:
-        loss = F.mse_loss(input_logits[:, 0], y.double()) + lam * F.mse_loss(noised_logits[:, 0], input_logits[:, 0])
+        loss = clean_loss + lam * F.mse_loss(noised_logits[:, 0].double(), input_logits[:, 0].double())
     else:
         symm = (
-            F.kl_div(F.log_softmax(noised_logits, -1, dtype=torch.float64), F.softmax(input_logits, -1, dtype=torch.float64), None, None, "sum")
-            + F.kl_div(F.log_softmax(input_logits, -1, dtype=torch.float64), F.softmax(noised_logits, -1, dtype=torch.float64), None, None, "sum")
+            F.kl_div(F.log_softmax(noised_logits, -1, dtype=wide), F.softmax(input_logits, -1, dtype=wide), None, None, "sum")
+            + F.kl_div(F.log_softmax(input_logits, -1, dtype=wide), F.softmax(noised_logits, -1, dtype=wide), None, None, "sum")
         ) / ids.shape[0]
-        loss = F.cross_entropy(input_logits, y) + lam * symm
-    loss.backward()
+        loss = clean_loss + lam * symm
+    backward(loss)
+
+
+def _up(t):
+    """At least float32, as the divergences are computed."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _stable_kl(logit, target, epsilon=1e-6):
@@ -67,13 +79,18 @@ def _stable_kl(logit, target, epsilon=1e-6):
     return (p * (rp - rt) * 2).sum()
 
 
-def reference_smart(model, ids, y, alpha, step_size, noise_var, epsilon, steps, norm, generator):
-    logits = head(model, model.embeddings.word_embeddings(ids))
-    embed = model.embeddings.word_embeddings(ids)
+def reference_smart(model, ids, y, alpha, step_size, noise_var, epsilon, steps, norm, generator,
+                    ctx=contextlib.nullcontext, backward=lambda loss: loss.backward()):
+    """mt-dnn's SMART; ``ctx``: the autocast of the forward passes (the final divergence is computed outside it)."""
+    with ctx():
+        logits = head(model, model.embeddings.word_embeddings(ids))
+        clean_loss = F.cross_entropy(logits, y)
+        embed = model.embeddings.word_embeddings(ids)
     noise = (torch.empty_like(embed).normal_(0, 1, generator=generator) * noise_var).requires_grad_()
     for _ in range(steps):
-        adv_logits = head(model, embed + noise)
-        (g,) = torch.autograd.grad(_stable_kl(adv_logits, logits.detach()), noise)
+        with ctx():
+            adv_logits = head(model, embed + noise)
+        (g,) = torch.autograd.grad(_stable_kl(_up(adv_logits), _up(logits.detach())), noise)
         d = noise + g * step_size
         if norm == "l2":
             d = d / (torch.norm(d, dim=-1, keepdim=True) + epsilon)
@@ -82,11 +99,13 @@ def reference_smart(model, ids, y, alpha, step_size, noise_var, epsilon, steps, 
         else:
             d = d / (d.abs().max(-1, keepdim=True)[0] + epsilon)
         noise = d.detach().requires_grad_()
-    adv_logits = head(model, embed + noise)
-    reg = F.kl_div(F.log_softmax(logits, -1, dtype=torch.float64), F.softmax(adv_logits.detach(), -1, dtype=torch.float64), reduction="batchmean") + F.kl_div(
-        F.log_softmax(adv_logits, -1, dtype=torch.float64), F.softmax(logits.detach(), -1, dtype=torch.float64), reduction="batchmean"
+    with ctx():
+        adv_logits = head(model, embed + noise)
+    wide = torch.promote_types(logits.dtype, torch.float32)  # mt-dnn SymKlCriterion: dtype=torch.float32
+    reg = F.kl_div(F.log_softmax(logits, -1, dtype=wide), F.softmax(adv_logits.detach(), -1, dtype=wide), reduction="batchmean") + F.kl_div(
+        F.log_softmax(adv_logits, -1, dtype=wide), F.softmax(logits.detach(), -1, dtype=wide), reduction="batchmean"
     )
-    (F.cross_entropy(logits, y) + alpha * reg).backward()
+    backward(clean_loss + alpha * reg)
 
 
 def ours(model, method, ids, y, regression=False):

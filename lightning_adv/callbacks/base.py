@@ -19,6 +19,7 @@ from lightning_adv.core.step import Outcome
 
 _SHARDING = ("DeepSpeed", "FSDP", "XLA", "ModelParallel")  # DeepSpeedStrategy subclasses DDPStrategy
 SUPPORTED_STRATEGIES = "single device ('auto' on one device), 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'"
+EMBEDDING_OUTPUT_METHODS = "FreeLBCallback, R3FCallback, SMARTCallback"
 
 
 class AdversarialCallback(Callback):
@@ -40,6 +41,10 @@ class AdversarialCallback(Callback):
       ``adv/<name>_loss``), and the running totals over the run (resumes included) ``adv/<name>_attacks`` (attacked
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
     """
+
+    #: whether the callback runs under Lightning's ``FSDPStrategy`` (none does yet: benchmarks/fsdp_probe.py compares
+    #: FreeLB, R3F and SMART under FSDP with one device, the engine then keeps ``.grad`` views in place)
+    supports_fsdp: bool = False
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
@@ -111,10 +116,23 @@ class AdversarialCallback(Callback):
             return
         owner = type(self).__name__
         names = [c.__name__ for c in type(trainer.strategy).__mro__]  # by name: also `pytorch_lightning` strategies
-        if any(w in n for n in names for w in _SHARDING) or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
+        if "FSDPStrategy" in names and not self.supports_fsdp:
+            raise ValueError(
+                f"{owner} does not support FSDPStrategy: the adversarial passes move, weight and merge `.grad` between "
+                "backward passes, and FSDP keeps `.grad` as views into its flat gradient and reduces it in its own "
+                f"backward hooks (on one GPU the result differed from a single device). Train with {SUPPORTED_STRATEGIES}."
+            )
+        if "FSDPStrategy" in names and not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
+            raise ValueError(
+                f"{owner} needs FSDPStrategy(use_orig_params=True) (Lightning's default): with use_orig_params=False the "
+                "module's own parameters and gradients are hidden in FSDP's flat parameters."
+            )
+        sharded = any(w in n for n in names for w in _SHARDING) and "FSDPStrategy" not in names
+        if sharded or not {"SingleDeviceStrategy", "DDPStrategy", "FSDPStrategy"} & set(names):
             raise ValueError(
                 f"{owner} does not support the strategy {type(trainer.strategy).__name__}: strategies that shard parameters "
-                f"or gradients (FSDP, DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}."
+                f"or gradients (DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}; 'fsdp' for "
+                f"{EMBEDDING_OUTPUT_METHODS}."
             )
         if "DDPStrategy" in names and compat.ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view"):
             raise ValueError(

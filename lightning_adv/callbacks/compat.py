@@ -55,6 +55,11 @@ def ddp_module(trainer: Any) -> Optional[DistributedDataParallel]:
     return model if isinstance(model, DistributedDataParallel) else None
 
 
+def is_fsdp(trainer: Any) -> bool:
+    """Whether the trainer runs Lightning's ``FSDPStrategy`` (by name: also ``pytorch_lightning``'s)."""
+    return any(c.__name__ == "FSDPStrategy" for c in type(trainer.strategy).__mro__)
+
+
 def ddp_kwargs(strategy: Any) -> dict:
     """The keyword arguments the DDP strategy passes to ``DistributedDataParallel``."""
     return dict(getattr(strategy, "_ddp_kwargs", {}) or {})

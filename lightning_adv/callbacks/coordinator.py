@@ -98,6 +98,7 @@ class Coordinator:
         self.step = AttackStep(
             [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in self.plan], forward, backward,
             sync=sync, sync_last=compat.will_step_optimizer(trainer), grad_scale=1.0 / sync.world_size,
+            grads_are_views=compat.is_fsdp(trainer),
         )
         self._phase = "forward"
         if any(getattr(cb.method, "needs_logits", False) for cb in self.plan):
@@ -161,7 +162,7 @@ class Coordinator:
         step = AttackStep(
             [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in plan], forward,
             pl_module.manual_backward, sync=sync, sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True,
-            grad_scale=1.0 / sync.world_size,
+            grad_scale=1.0 / sync.world_size, grads_are_views=compat.is_fsdp(trainer),
         )
         try:
             step.before_forward()

@@ -30,10 +30,25 @@ class GradientStash:
         >>> stash.merge()
         >>> w.grad.tolist()
         [5.0, 5.0, 5.0]
+
+    With ``in_place=True`` (``.grad`` are views into a gradient buffer that the backward accumulates into
+    whatever the views say, as FSDP's flat gradient is), the earlier gradients are copied aside and ``.grad``
+    is zeroed in place instead: one gradient-sized copy, and ``.grad`` stays the same tensor::
+
+        >>> (2 * w).sum().backward()            # .grad is now 7
+        >>> view = w.grad
+        >>> stash = GradientStash([w], in_place=True)
+        >>> stash.stash()
+        >>> w.grad is view, w.grad.tolist()
+        (True, [0.0, 0.0, 0.0])
+        >>> stash.merge()
+        >>> w.grad.tolist()
+        [7.0, 7.0, 7.0]
     """
 
-    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], in_place: bool = False) -> None:
         self.params: List[torch.Tensor] = [p for p in params]
+        self.in_place = in_place
         self._saved: Optional[List[Optional[torch.Tensor]]] = None
 
     @property
@@ -46,9 +61,16 @@ class GradientStash:
         if self._saved is not None:
             return
         saved: List[Optional[torch.Tensor]] = []
-        for p in self.params:
-            saved.append(p.grad)
-            p.grad = None
+        if self.in_place:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            copies = iter(torch._foreach_mul(grads, 1.0)) if grads else iter(())
+            saved = [None if p.grad is None else next(copies) for p in self.params]
+            if grads:
+                torch._foreach_zero_(grads)
+        else:
+            for p in self.params:
+                saved.append(p.grad)
+                p.grad = None
         self._saved = saved
 
     def take(self) -> List[Optional[torch.Tensor]]:

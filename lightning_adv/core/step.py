@@ -46,6 +46,10 @@ class AttackStep:
         sync: controls the DDP all-reduce; ``sync_last``: whether the last backward must all-reduce.
         grad_scale: factor from ``.grad`` to the gradient the methods are defined on (``1 / world_size`` under
             DDP, where a rank holds its local part of the mean); only magnitude guards see it.
+        grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, which the backward accumulates
+            into whatever ``.grad`` was set to (FSDP's flat gradient with ``use_orig_params=True``): earlier
+            gradients are copied aside and zeroed in place, and at most one method may run after the backward
+            (the clean gradient then stays in ``.grad``).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class AttackStep:
         sync: Optional[BackwardSync] = None,
         sync_last: bool = True,
         grad_scale: float = 1.0,
+        grads_are_views: bool = False,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.methods = list(methods)
@@ -65,7 +70,7 @@ class AttackStep:
         self.sync = sync or BackwardSync()
         self.sync_last = sync_last
         self.grad_scale = grad_scale
-        self.earlier = GradientStash(self.params)
+        self.earlier = GradientStash(self.params, in_place=grads_are_views)
         self._position: Dict[int, int] = {id(p): i for i, p in enumerate(self.params)}
         self._clean: Optional[Grads] = None
         self._base: Optional[Grads] = None
@@ -78,6 +83,13 @@ class AttackStep:
         self._skipped_before: Dict[int, Outcome] = {}
         # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
         self._single = len(after) == 1
+        if grads_are_views and len(after) > 1:
+            names = [type(self.methods[i]).__name__ for i in after]
+            raise ValueError(
+                f"{' and '.join(names)} all run after the backward, which keeps their gradients apart by moving `.grad` "
+                "tensors; with gradients that are views into a shared buffer (FSDP) at most one of them can run. "
+                "Keep one, or combine it with R3F/SMART (they run before the backward)."
+            )
         self._live = False  # the clean gradient still lives in .grad
         self._consumed = False  # handed to a replacing method as scratch
         self._backwards = 0
