@@ -45,10 +45,25 @@ class SGDLogits(LogitsText):
 
 
 class Probe(Callback):
+    """The first optimizer steps' gradients; and, to tell a different input or start from a different backward, the
+    weights at the start, the first batch and the first losses."""
+
     def __init__(self) -> None:
         self.grads: List[List[torch.Tensor]] = []
+        self.start: List[float] = []
+        self.first_batch: List[int] = []
+        self.losses: List[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.first_batch:
+            self.first_batch = batch[0].reshape(-1).tolist()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if len(self.losses) < 3:
+            self.losses.append(float(outputs["loss"]))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start = [float(p.detach().double().sum()) for p in pl_module.model.parameters()]
         for cb in trainer.callbacks:
             method = getattr(cb, "method", None)
             if method is not None and hasattr(method, "generator"):
@@ -77,7 +92,7 @@ def fit(method: str, fsdp: bool) -> Dict[str, Any]:
         for cb in cbs[:-1]:
             type(cb).supports_fsdp = False
     weights = torch.cat([p.detach().float().cpu().reshape(-1) for p in module.model.parameters()])
-    return dict(grads=probe.grads, weights=weights)
+    return dict(grads=probe.grads, weights=weights, start=probe.start, first_batch=probe.first_batch, losses=probe.losses)
 
 
 def main(path: str) -> None:
@@ -94,6 +109,9 @@ def main(path: str) -> None:
                     norm_ratio=[float(b.norm() / a.norm()) if float(a.norm()) > 0 else None for a, b in zip(g1, g2)],
                 ))
             report[method] = dict(weights_max_diff=float((one["weights"] - sharded["weights"]).abs().max()),
+                                  same_start=one["start"] == sharded["start"],
+                                  same_first_batch=one["first_batch"] == sharded["first_batch"],
+                                  losses=[one["losses"], sharded["losses"]],
                                   steps=steps, optimizer_steps=[len(one["grads"]), len(sharded["grads"])])
         print(method, json.dumps(report[method])[:1500], flush=True)
     with open(path, "w") as f:
