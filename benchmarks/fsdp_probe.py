@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 
-from helpers import LogitsText, loader, make_data, trainer  # noqa: E402
+from helpers import SGDLogits, loader, make_data, trainer  # noqa: E402
 from lightning_adv import FreeLBCallback, R3FCallback, SMARTCallback  # noqa: E402
 
 EMB = "model.embeddings.word_embeddings"
@@ -37,11 +37,6 @@ MAKE = {
     "r3f": lambda: R3FCallback(eps=0.3, r3f_lambda=2.0, embedding=EMB),
     "smart": lambda: SMARTCallback(adv_alpha=3.0, step_size=0.5, noise_var=0.1, embedding=EMB),
 }
-
-
-class SGDLogits(LogitsText):
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class Probe(Callback):

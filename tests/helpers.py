@@ -193,6 +193,14 @@ class LogitsText(TextModule):
         return {"loss": loss, "logits": logits}
 
 
+class SGDLogits(LogitsText):
+    """LogitsText with plain SGD: float rounding differences are not amplified by Adam's first steps (which turn a
+    gradient's sign into a full learning-rate step)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 class BatchSeeded(L.Callback):
     """Seeds the noise of every method from the batch's content: the same noise for a micro-batch whichever
     process or position runs it (DDP against single-process accumulation)."""

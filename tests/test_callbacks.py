@@ -273,3 +273,16 @@ def test_tiny_random_bert_trains_with_both_callbacks():
     assert fgm.attacks == 4 and awp.attacks == 4
     assert torch.isfinite(metrics["adv/fgm_loss_epoch"]) and torch.isfinite(metrics["adv/awp_loss_epoch"])
     assert not torch.equal(before, module.model.bert.embeddings.word_embeddings.weight)
+
+
+def test_fsdp_extension_point_refuses_hidden_parameters():
+    """A callback that declares FSDP support (benchmarks/fsdp_probe.py lifts the refusal this way) passes setup with
+    Lightning's default FSDPStrategy and still stops at use_orig_params=False, which hides the module's parameters."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Supported(FreeLBCallback):
+        supports_fsdp = True
+
+    Supported().setup(_fake_trainer(FSDPStrategy()), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"needs FSDPStrategy\(use_orig_params=True\)"):
+        Supported().setup(_fake_trainer(FSDPStrategy(use_orig_params=False)), TextModule(), "fit")

@@ -25,8 +25,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch.nn import functional as F
 
-from helpers import LogitsText, TextModule, TinyText, loader, make_data, max_diff, trainer
+from helpers import SGDLogits, TextModule, TinyText, loader, make_data, max_diff, trainer
 from reference_snippets import RefAWP, RefFGM
+from test_equivalence import AWP_KW, FGM_KW
 from test_methods import LFREELB, LPGD, freelb_micro, pgd_micro, plain_fit
 from test_smoothness import reference_r3f, reference_smart
 
@@ -47,8 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 EMB = "embeddings.word_embeddings"
 KW: Dict[str, Dict[str, Any]] = {
-    "fgm": dict(epsilon=0.7, emb_name="word_embeddings"),
-    "awp": dict(adv_param="weight", adv_lr=0.5, adv_eps=0.05, adv_step=2),
+    "fgm": dict(FGM_KW),
+    "awp": dict(AWP_KW),
     "pgd": dict(LPGD),
     "freelb": dict(LFREELB),
     "r3f": dict(eps=0.3, r3f_lambda=2.0),
@@ -82,14 +83,6 @@ class SeededNoise(Callback):
             method = getattr(cb, "method", None)
             if method is not None and hasattr(method, "generator"):
                 method.generator = generator()
-
-
-class SGDLogits(LogitsText):
-    """R3F/SMART module: plain SGD, so that float32-vs-float64 rounding of the divergence is not amplified by Adam's
-    first steps (which turn a gradient's sign into a full learning-rate step)."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def reference_micro(method: str) -> Callable[..., float]:

@@ -91,7 +91,6 @@ class AttackStep:
                 "Keep one, or combine it with R3F/SMART (they run before the backward)."
             )
         self._live = False  # the clean gradient still lives in .grad
-        self._consumed = False  # handed to a replacing method as scratch
         self._backwards = 0
         self.outcomes: List[Outcome] = []
 
@@ -194,7 +193,7 @@ class AttackStep:
         if self._live:
             grads = [p.grad if id(p) in self._position else None for p in params]
             if writable and getattr(self.methods[self._current], "replaces_gradient", False):
-                self._live, self._consumed = False, True  # the method overwrites it: nothing falls back to it
+                self._live = False  # the method overwrites it: nothing falls back to it
                 return grads
         else:
             assert self._clean is not None, "clean_grads() is only available while the methods run"
