@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
-from helpers import BatchSeeded, LogitsText, ManualText, TextModule, make_data, trainer  # noqa: E402
+from helpers import BatchSeeded, LogitsText, ManualText, TextModule, end_distributed, make_data, trainer  # noqa: E402
 from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback  # noqa: E402
 
 ALLREDUCES = [0]
@@ -107,6 +107,7 @@ def main() -> None:
                 torch.save(dict(metrics=metrics, attacks=[cb.attacks for cb in attack_cbs if hasattr(cb, "attacks")]), os.path.join(out, f"{cfg['name']}_main.pt"))
         else:
             torch.save(result, os.path.join(out, f"{cfg['name']}_rank{t.global_rank}.pt"))
+    end_distributed()
 
 
 if __name__ == "__main__":

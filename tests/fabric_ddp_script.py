@@ -20,7 +20,7 @@ from typing import Any, List  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from helpers import TinyText, make_data  # noqa: E402
+from helpers import TinyText, end_distributed, make_data  # noqa: E402
 from lightning_adv import AWP, FGM, PGD, R3F, FreeLB  # noqa: E402
 
 WORLD, BATCH, EPOCHS, LR = 2, 2, 2, 0.05
@@ -140,6 +140,7 @@ def main() -> None:
         torch.save(dict(weights=weights, steps=steps, attacks=attacks, skipped=skipped, losses=losses),
                    os.path.join(out, f"{name}_rank{fabric.global_rank}.pt"))
         fabric.barrier()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
-from helpers import trainer  # noqa: E402
+from helpers import end_distributed, trainer  # noqa: E402
 from lightning_adv import RobustAccuracy  # noqa: E402
 from test_robust import RobustModule, eval_loader, examples, trained  # noqa: E402
 
@@ -24,6 +24,7 @@ def main() -> None:
     t = trainer(devices=2, strategy="ddp", callbacks=[robust])
     metrics = t.validate(RobustModule(trained()), eval_loader(examples(40, seed=8)), verbose=False)[0]
     torch.save({k: float(v) for k, v in metrics.items()} | {"batches": robust.batches}, os.path.join(out, f"rank{t.global_rank}.pt"))
+    end_distributed()
 
 
 if __name__ == "__main__":
