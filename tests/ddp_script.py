@@ -6,6 +6,7 @@ is ``name:method:adv_step:accumulate:precision:find_unused:manual``. Lightning r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,10 +20,23 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
-from helpers import BatchSeeded, LogitsText, ManualText, TextModule, end_distributed, make_data, trainer  # noqa: E402
+from helpers import BatchSeeded, LogitsText, ManualText, TextModule, cpu_fsdp_strategy, end_distributed, make_data, trainer  # noqa: E402
 from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback  # noqa: E402
 
 ALLREDUCES = [0]
+
+
+def is_fsdp(trainer) -> bool:
+    return "FSDP" in type(trainer.strategy).__name__
+
+
+def full_params(trainer):
+    """FSDP shards the parameters between steps: gather them to record (a collective, every rank calls it)."""
+    if not is_fsdp(trainer):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
 
 
 def counting_allreduce(state, bucket):
@@ -37,13 +51,15 @@ class Recorder(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         # Lightning registers DDP comm hooks only on CUDA: register the counting hook on CPU ourselves
-        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+        if hasattr(trainer.strategy.model, "register_comm_hook") and not is_fsdp(trainer):
+            trainer.strategy.model.register_comm_hook(None, counting_allreduce)
         self._seen = ALLREDUCES[0]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > len(self.weights):
             net = pl_module.model
-            self.weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]).clone())
+            with full_params(trainer):
+                self.weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]).clone())
             self.allreduces.append(ALLREDUCES[0] - self._seen)
             self._seen = ALLREDUCES[0]
 
@@ -94,7 +110,10 @@ def main() -> None:
         module = module_for(cfg, dtype)
         recorder = Recorder()
         attack_cbs = callbacks_for(cfg)
-        strategy = DDPStrategy(find_unused_parameters=cfg["find_unused"], start_method="spawn" if strategy_name == "ddp_spawn" else "popen")
+        if strategy_name.startswith("fsdp"):  # "fsdp" (FULL_SHARD) or "fsdp_no_shard"
+            strategy = cpu_fsdp_strategy(sharding_strategy="NO_SHARD" if strategy_name == "fsdp_no_shard" else "FULL_SHARD")
+        else:
+            strategy = DDPStrategy(find_unused_parameters=cfg["find_unused"], start_method="spawn" if strategy_name == "ddp_spawn" else "popen")
         t = trainer(max_epochs=2, devices=2, strategy=strategy, precision=cfg["precision"],
                     accumulate_grad_batches=1 if cfg["manual"] else cfg["accumulate"], callbacks=attack_cbs + [recorder],
                     use_distributed_sampler=False)

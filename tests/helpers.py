@@ -112,6 +112,24 @@ def trainer(**kwargs: Any) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
+def cpu_fsdp_strategy(**kwargs: Any) -> Any:
+    """Lightning's own ``FSDPStrategy`` on CPU processes (gloo), for tests: the same FSDP wrapper, flat parameters,
+    hooks and reduce-scatter as on a GPU. Lightning refuses the ``"fsdp"`` flag without a GPU and passes
+    ``device_id=None`` there, which torch's FSDP refuses on a machine without an accelerator; this subclass wraps
+    the module itself with ``device_id=cpu`` (Lightning keeps a module that is already wrapped)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+                model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), sharding_strategy=self.sharding_strategy,
+                                                 **self.kwargs)
+            return super()._setup_model(model)
+
+    return CPUFSDPStrategy(**kwargs)
+
+
 def end_distributed() -> None:
     """Close the process group before the interpreter exits, in the multi-process test scripts.
 
@@ -224,4 +242,4 @@ class BatchSeeded(L.Callback):
         for cb in trainer.callbacks:
             method = getattr(cb, "method", None)
             if method is not None and hasattr(method, "generator"):
-                method.generator = torch.Generator().manual_seed(seed)
+                method.generator = torch.Generator(pl_module.device).manual_seed(seed)

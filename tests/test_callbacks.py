@@ -145,13 +145,38 @@ def test_deepspeed_refused_at_setup():
             cb.setup(_fake_trainer(made), TextModule(), "fit")
 
 
-@pytest.mark.parametrize("make", [FGMCallback, AWPCallback, PGDCallback, FreeLBCallback, R3FCallback, SMARTCallback])
-def test_fsdp_refused_with_the_reason(make):
-    """tests/test_cuda.py checks the same with a real FSDPStrategy on a GPU."""
+def _fake_trainer_of(strategy, world_size=1, accumulate=1):
+    t = _fake_trainer(strategy)
+    t.world_size, t.accumulate_grad_batches = world_size, accumulate
+    return t
+
+
+@pytest.mark.parametrize("make", [FGMCallback, AWPCallback, PGDCallback])
+def test_fsdp_refused_for_weight_space_methods_with_the_reason(make):
+    """tests/test_fsdp.py checks the same with Lightning's FSDPStrategy running (on CPU), test_cuda.py on a GPU."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: the adversarial passes move.*Train with single"):
-        make().setup(_fake_trainer(FSDPStrategy()), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: it perturbs weights along the whole gradient.*"
+                                         r"Use FreeLBCallback, R3FCallback or SMARTCallback"):
+        make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
+
+
+@pytest.mark.parametrize("make", [R3FCallback, SMARTCallback])
+def test_fsdp_with_several_processes_refused_for_r3f_and_smart(make):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")  # one device: supported
+    with pytest.raises(ValueError, match=r"supports FSDPStrategy on one device only \(world_size=2 here\).*Use FreeLBCallback"):
+        make().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
+
+
+def test_fsdp_with_several_processes_needs_freelb_without_accumulation():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
+    FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), accumulate=4), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"world_size=2\) needs accumulate_grad_batches=1 \(got 4\)"):
+        FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
 
 
 def test_checkpoint_resume_keeps_counters(tmp_path):
@@ -275,14 +300,12 @@ def test_tiny_random_bert_trains_with_both_callbacks():
     assert not torch.equal(before, module.model.bert.embeddings.word_embeddings.weight)
 
 
-def test_fsdp_extension_point_refuses_hidden_parameters():
-    """A callback that declares FSDP support (benchmarks/fsdp_probe.py lifts the refusal this way) passes setup with
-    Lightning's default FSDPStrategy and still stops at use_orig_params=False, which hides the module's parameters."""
+def test_fsdp_refuses_hidden_parameters():
+    """FreeLB, R3F and SMART pass setup with Lightning's default FSDPStrategy and stop at use_orig_params=False,
+    which hides the module's parameters."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    class Supported(FreeLBCallback):
-        supports_fsdp = True
-
-    Supported().setup(_fake_trainer(FSDPStrategy()), TextModule(), "fit")
-    with pytest.raises(ValueError, match=r"needs FSDPStrategy\(use_orig_params=True\)"):
-        Supported().setup(_fake_trainer(FSDPStrategy(use_orig_params=False)), TextModule(), "fit")
+    for make in (FreeLBCallback, R3FCallback, SMARTCallback):
+        make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
+        with pytest.raises(ValueError, match=r"needs FSDPStrategy\(use_orig_params=True\)"):
+            make().setup(_fake_trainer_of(FSDPStrategy(use_orig_params=False)), TextModule(), "fit")

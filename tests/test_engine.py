@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from helpers import TextModule, TinyText, loader, make_data, trainer
 from lightning_adv import FGMCallback, FreeLBCallback, PGDCallback
-from lightning_adv.core import AWP, FGM, PGD, R3F, FreeLB, adversarial_backward
+from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, adversarial_backward
 
 EMB = "embeddings.word_embeddings"
 
@@ -130,10 +130,13 @@ def _views_step(model, methods, ids, y, grads_are_views):
 
 
 @pytest.mark.parametrize("make", [lambda m: FreeLB(m, adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, embedding=EMB),
-                                  lambda m: R3F(m, eps=0.3, embedding=EMB, generator=torch.Generator().manual_seed(1))])
+                                  lambda m: R3F(m, eps=0.3, embedding=EMB, generator=torch.Generator().manual_seed(1)),
+                                  lambda m: SMART(m, adv_alpha=2.0, step_size=0.5, noise_var=0.1, steps=2, embedding=EMB,
+                                                  generator=torch.Generator().manual_seed(1))])
 def test_in_place_gradient_stash_equals_moving_them(make):
     """With `.grad` kept in place (copied aside and zeroed, as views into FSDP's flat gradient need), an accumulated
-    micro-batch gives exactly the gradient of the default path, which moves the `.grad` tensors aside."""
+    micro-batch gives exactly the gradient of the default path, which moves the `.grad` tensors aside. SMART's ascent
+    gradient then comes from a full backward with `.grad` written back in place (AttackStep.input_gradient)."""
     results = []
     for in_place in (False, True):
         torch.manual_seed(0)
@@ -152,5 +155,42 @@ def test_in_place_gradient_stash_equals_moving_them(make):
 def test_two_methods_after_the_backward_refuse_gradient_views():
     model = TinyText()
     ids, y = _batch()
-    with pytest.raises(ValueError, match=r"FGM and FreeLB all run after the backward.*at most one of them"):
-        _views_step(model, [FGM(model), FreeLB(model, embedding=EMB)], ids, y, True)
+    with pytest.raises(ValueError, match=r"FreeLB and FreeLB all run after the backward.*at most one of them"):
+        _views_step(model, [FreeLB(model, embedding=EMB), FreeLB(model, embedding=EMB)], ids, y, True)
+
+
+def test_weight_space_methods_refuse_gradient_views():
+    model = TinyText()
+    ids, y = _batch()
+    for methods, named in (([FGM(model)], "FGM perturbs"), ([AWP(model), PGD(model)], "AWP, PGD perturb")):
+        with pytest.raises(ValueError, match=rf"{named} weights along the whole parameter gradient.*FreeLB, R3F, SMART"):
+            _views_step(model, methods, ids, y, True)
+
+
+def test_input_gradient_with_views_leaves_grad_as_it_was():
+    """The full-backward path of AttackStep.input_gradient gives autograd.grad's value and writes `.grad` back in
+    place: values kept where there were some, zeros where the parameter had none."""
+    from lightning_adv.core import AttackStep
+
+    torch.manual_seed(0)
+    model = TinyText().double()
+    ids, y = _batch()
+    F.cross_entropy(model(ids), y).backward()
+    model.head.bias.grad = None
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    views = {n: p.grad for n, p in model.named_parameters()}
+    delta = torch.zeros(ids.shape[0], ids.shape[1], 8, dtype=torch.float64, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        h = model.embeddings.word_embeddings(ids) + delta
+        return F.cross_entropy(model.head(torch.tanh(model.hidden(h.mean(1)))), y)
+
+    expected = AttackStep(list(model.parameters()), [], loss).input_gradient(loss(), delta)
+    got = AttackStep(list(model.parameters()), [], loss, grads_are_views=True).input_gradient(loss(), delta)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-15) and float(got.abs().max()) > 0
+    assert delta.grad is None
+    for n, p in model.named_parameters():
+        if before[n] is None:
+            assert p.grad is not None and float(p.grad.abs().max()) == 0.0  # the backward created it: zeroed
+        else:
+            assert p.grad is views[n] and torch.equal(p.grad, before[n])

@@ -41,9 +41,12 @@ class AdversarialCallback(Callback):
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
     """
 
-    #: whether the callback runs under Lightning's ``FSDPStrategy`` (none does yet: benchmarks/fsdp_probe.py compares
-    #: FreeLB, R3F and SMART under FSDP with one device, the engine then keeps ``.grad`` views in place)
+    #: whether the callback runs under Lightning's ``FSDPStrategy`` on one device (the methods that perturb the
+    #: embedding output: FreeLB, R3F, SMART; the engine then changes FSDP's ``.grad`` views only in place)
     supports_fsdp: bool = False
+    #: whether it also runs under FSDP with several processes (FreeLB, without gradient accumulation); R3F and SMART
+    #: backpropagate their extra forward before the clean backward, and FSDP then reduces only one of the two
+    supports_fsdp_processes: bool = False
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
@@ -118,10 +121,23 @@ class AdversarialCallback(Callback):
         if compat.is_fsdp(trainer):
             if not self.supports_fsdp:
                 raise ValueError(
-                    f"{owner} does not support FSDPStrategy: the adversarial passes move, weight and merge `.grad` between "
-                    "backward passes, and FSDP keeps `.grad` as views into its flat gradient and reduces it in its own "
-                    "backward hooks (not yet shown to equal a single device, see benchmarks/fsdp_probe.py). "
-                    f"Train with {SUPPORTED_STRATEGIES}."
+                    f"{owner} does not support FSDPStrategy: it perturbs weights along the whole gradient of each "
+                    "parameter, which FSDP keeps sharded in its flat parameters. Use FreeLBCallback, R3FCallback or "
+                    f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED_STRATEGIES}."
+                )
+            if trainer.world_size > 1 and not self.supports_fsdp_processes:
+                raise ValueError(
+                    f"{owner} supports FSDPStrategy on one device only (world_size={trainer.world_size} here): it "
+                    "backpropagates its perturbed forward before the clean backward, and with several processes FSDP "
+                    "reduces the gradient of only one of the two (the ranks diverge). Use FreeLBCallback, or DDP "
+                    "('ddp'), or FSDP on one device."
+                )
+            if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1:
+                raise ValueError(
+                    f"{owner} under FSDPStrategy with several processes (world_size={trainer.world_size}) needs "
+                    f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches FSDP "
+                    "shows gradients of another shape in `.grad`, which the attack cannot keep apart. Use a larger "
+                    "batch, DDP ('ddp'), or FSDP on one device."
                 )
             if not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
                 raise ValueError(
@@ -131,7 +147,8 @@ class AdversarialCallback(Callback):
         elif any(w in n for n in names for w in _SHARDING) or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
             raise ValueError(
                 f"{owner} does not support the strategy {type(trainer.strategy).__name__}: strategies that shard parameters "
-                f"or gradients (FSDP, DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}."
+                f"or gradients (DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}; and FSDPStrategy "
+                "for FreeLB, R3F and SMART."
             )
         if "DDPStrategy" in names and compat.ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view"):
             raise ValueError(

@@ -50,6 +50,9 @@ class FreeLBCallback(AdversarialCallback):
         2
     """
 
+    supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+    supports_fsdp_processes = True  # without gradient accumulation: tests/test_fsdp.py
+
     def __init__(
         self,
         adv_lr: NonNegativeFloat = 0.1,

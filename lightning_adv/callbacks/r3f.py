@@ -49,6 +49,8 @@ class R3FCallback(AdversarialCallback):
         2
     """
 
+    supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+
     def __init__(
         self,
         eps: NonNegativeFloat = 1e-5,

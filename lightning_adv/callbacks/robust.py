@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from lightning_adv.callbacks import compat
 from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int
 from lightning_adv.core.robust import EmbeddingAttack, check_attack_args, epsilon_key
 
@@ -133,6 +134,14 @@ class RobustAccuracy(Callback):
                 f"{type(self).__name__} needs {type(pl_module).__name__}.{PROTOCOL}(batch) -> (logits, labels): define it in "
                 "the LightningModule (the logits of an evaluation batch and its integer labels), e.g. "
                 "`def robust_forward(self, batch): return self(batch), batch['labels']`."
+            )
+        if compat.is_fsdp(trainer):
+            raise ValueError(
+                f"{type(self).__name__} does not support FSDPStrategy: its attack backpropagates to the perturbation "
+                "only, and FSDP, whose backward hooks expect every backward to reach its flat parameters, then leaves "
+                "the module holding unregistered parameter views (training diverges afterwards; seen in "
+                "tests/fsdp_script.py). Measure it with one device or DDP, e.g. `Trainer(devices=1).validate(model, "
+                "loader)` on a checkpoint."
             )
         if self.attack is not None and self.attack.model is not pl_module:
             self.attack = None

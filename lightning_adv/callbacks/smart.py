@@ -50,6 +50,8 @@ class SMARTCallback(AdversarialCallback):
         2
     """
 
+    supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+
     def __init__(
         self,
         adv_alpha: NonNegativeFloat = 1.0,

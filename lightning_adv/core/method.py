@@ -27,6 +27,8 @@ class Method:
         runs_after_backward: whether :meth:`run` runs passes after the clean backward (False for the methods that
             extend the clean loss in :meth:`before_backward`: SMART, R3F).
         needs_logits: whether the step must return its logits (``{"loss": loss, "logits": logits}``).
+        reads_gradient: whether the method reads or clears the micro-batch's parameter gradients
+            (:meth:`AttackStep.clean_grads`, :meth:`AttackStep.zero_grad`): the weight-space methods.
     """
 
     name: str = "adv"
@@ -34,6 +36,7 @@ class Method:
     clean_weight: float = 1.0
     runs_after_backward: bool = True
     needs_logits: bool = False
+    reads_gradient: bool = False
 
     def __init__(self) -> None:
         self.last_loss: Optional[torch.Tensor] = None
@@ -91,6 +94,8 @@ class Method:
 
 class ParameterMethod(Method):
     """A method that perturbs parameters matched by name: a snapshot restores them after the passes."""
+
+    reads_gradient = True
 
     def __init__(self, model: nn.Module, named_params: NamedParameters) -> None:
         super().__init__()

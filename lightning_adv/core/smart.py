@@ -19,8 +19,8 @@ class SMART(SmoothnessMethod):
 
     ``delta`` starts as ``N(0, 1) * noise_var`` on the real tokens of the word-embedding output (mt-dnn scales
     the standard normal by ``noise_var``); each of the ``steps`` ascent steps takes the gradient ``g`` of
-    ``stable_kl(f(x + delta), f(x).detach())`` with respect to ``delta`` only (``torch.autograd.grad``: no
-    ``.grad`` touched) and sets ``delta = normalise(delta + step_size * g)``, per token over the hidden size
+    ``stable_kl(f(x + delta), f(x).detach())`` with respect to ``delta`` only (:meth:`AttackStep.input_gradient`:
+    no ``.grad`` touched) and sets ``delta = normalise(delta + step_size * g)``, per token over the hidden size
     (``"inf"``: by the max-abs, ``"l2"``: by the L2 norm, plus ``epsilon``; ``"l1"``: the sign). A non-finite
     gradient adds nothing (counted as skipped). The regulariser is mt-dnn's ``SymKlCriterion`` (the squared error
     for a regression head). Unlike mt-dnn's ``fwd_type=2`` path, which adds the position and type embeddings a
@@ -114,7 +114,7 @@ class SMART(SmoothnessMethod):
                 adv = F.mse_loss(out.logits.float(), target_logits.float(), reduction="sum")  # as mt-dnn
             else:
                 adv = stable_kl(out.logits, target_logits, reduce=False)
-            (grad,) = torch.autograd.grad(adv, delta)
+            grad = step.input_gradient(adv, delta)
             finite = torch.isfinite(grad).all()
             valid = valid & finite
             with torch.no_grad():

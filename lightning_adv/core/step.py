@@ -46,10 +46,12 @@ class AttackStep:
         sync: controls the DDP all-reduce; ``sync_last``: whether the last backward must all-reduce.
         grad_scale: factor from ``.grad`` to the gradient the methods are defined on (``1 / world_size`` under
             DDP, where a rank holds its local part of the mean); only magnitude guards see it.
-        grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, which the backward accumulates
-            into whatever ``.grad`` was set to (FSDP's flat gradient with ``use_orig_params=True``): earlier
-            gradients are copied aside and zeroed in place, and at most one method may run after the backward
-            (the clean gradient then stays in ``.grad``).
+        grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, whose shape and storage the
+            owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): ``.grad`` is then
+            never reassigned, only changed in place. Earlier gradients are copied aside and zeroed in place before
+            the clean backward and added back at the end of :meth:`after_backward`, after the last backward; every backward reduces its
+            own gradient. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
+            are refused, and at most one method may run after the backward (FreeLB).
     """
 
     def __init__(
@@ -83,6 +85,14 @@ class AttackStep:
         self._skipped_before: Dict[int, Outcome] = {}
         # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
         self._single = len(after) == 1
+        self._views = grads_are_views
+        readers = [type(m).__name__ for m in self.methods if getattr(m, "reads_gradient", False)]
+        if grads_are_views and readers:
+            raise ValueError(
+                f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, which "
+                "gradients that are views into a sharded buffer (FSDP) do not hold. Use a method that perturbs the "
+                "embedding output (FreeLB, R3F, SMART), or train without sharding (single device or DDP)."
+            )
         if grads_are_views and len(after) > 1:
             names = [type(self.methods[i]).__name__ for i in after]
             raise ValueError(
@@ -152,7 +162,7 @@ class AttackStep:
             self.outcomes.append(outcome)
             if not getattr(method, "runs_after_backward", True):
                 continue
-            if not self._merged:
+            if not self._merged and not self._views:  # views: the passes' gradients stay in .grad
                 grads = self._take()
                 if getattr(method, "replaces_gradient", False) and outcome.loss is not None:
                     self._base, self._base_weight = grads, 1.0
@@ -160,6 +170,8 @@ class AttackStep:
                     self._parts.append(grads)
         if not self._merged:  # no final pass ran (every attack skipped): the gradients as they are
             self._merge(replacing=False)
+        if self._views:  # every backward of the micro-batch has run: earlier gradients back before the optimizer
+            self.earlier.merge()
         return self.outcomes
 
     def _skipped(self, method: Any) -> None:
@@ -204,6 +216,8 @@ class AttackStep:
 
     def zero_grad(self) -> None:
         """Discard the gradients of the method's earlier passes (the clean gradient is moved aside, not lost)."""
+        if self._views:
+            raise RuntimeError("AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)")
         if self._live:
             self._live = False
             self._clean = self._base = [p.grad for p in self.params]
@@ -228,6 +242,34 @@ class AttackStep:
         self._backwards += 1
         self._backward(loss)
 
+    def input_gradient(self, loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``loss`` with respect to ``tensor`` (a perturbation, a leaf that requires grad), with the
+        parameters' ``.grad`` left as they are (SMART's ascent).
+
+        ``torch.autograd.grad``; with ``grads_are_views`` (FSDP) a full backward instead, with ``.grad`` copied
+        aside and written back in place: FSDP's backward hooks expect every backward to reach its flat parameters,
+        and a backward that stops at ``tensor`` leaves the module holding unregistered parameter views, which the
+        next forward writes back in place under the clean graph. Costs the parameter gradients and one copy."""
+        if not self._views:
+            (grad,) = torch.autograd.grad(loss, tensor)
+            return grad
+        aside = GradientStash(self.params, in_place=True)
+        aside.stash()
+        try:
+            tensor.grad = None
+            loss.backward()
+            grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+            tensor.grad = None
+        finally:
+            held = aside.take()
+            back = [(p.grad, g) for p, g in zip(self.params, held) if p.grad is not None and g is not None]
+            if back:
+                torch._foreach_copy_([a for a, _ in back], [b for _, b in back])
+            fresh = [p.grad for p, g in zip(self.params, held) if p.grad is not None and g is None]
+            if fresh:
+                torch._foreach_zero_(fresh)
+        return grad
+
     def extra_forward(self) -> PassOutput:
         """A forward between the clean forward and its backward (SMART, R3F): no merge, no all-reduce."""
         out = pass_output(self._forward())
@@ -243,6 +285,9 @@ class AttackStep:
         return grads
 
     def _merge(self, replacing: bool) -> None:
+        if self._views:  # the gradients accumulate in .grad; earlier ones are added back after the last backward
+            self._live, self._base, self._parts, self._merged = False, None, [], True
+            return
         self._live = False
         lists: List[Grads] = [self._take()]
         if not replacing and self._base is not None:

@@ -1,0 +1,74 @@
+"""Lightning's FSDPStrategy (on CPU processes, gloo): FreeLB, R3F and SMART equal the run without FSDP.
+
+On one device FSDP runs NO_SHARD (flat parameters, ``.grad`` views, its backward hooks): FreeLB, R3F and SMART, with
+and without gradient accumulation, end with the weights of the same fit under the default strategy. With two
+processes (FULL_SHARD and NO_SHARD) FreeLB without accumulation equals one process over the same micro-batches.
+FGM, AWP, PGD and RobustAccuracy are refused with their reason; R3F/SMART with several processes and FreeLB with
+several processes and accumulation are refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
+one-device script with Lightning's FSDPStrategy on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict
+
+import pytest
+import torch
+
+from fsdp_script import CONFIGS
+from test_ddp import WORLD, single_process_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_fsdp_script(out: Any, device: str) -> Dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "benchmarks")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_script.py"), str(out), device], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
+    """Shared with tests/test_cuda.py."""
+    names = [c.split(":")[0] for c in CONFIGS]
+    assert set(names) <= set(report)
+    plain = torch.tensor(report["none_k2"]["single"]["weights"])
+    for name in names:
+        single, fsdp = (torch.tensor(report[name][k]["weights"]) for k in ("single", "fsdp"))
+        assert float((single - fsdp).abs().max()) < tol, name
+        if name != "none_k2":
+            assert report[name]["fsdp"]["attacks"] == report[name]["single"]["attacks"] == [16], name  # 2 epochs x 8
+        if name.endswith("_k2") and name != "none_k2":  # the attack changes training (same schedule as none_k2)
+            assert float((fsdp - plain).abs().max()) > 1e-3, name
+    refused = report["refused"]
+    for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
+        assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
+    assert refused["RobustAccuracy"].startswith("RobustAccuracy does not support FSDPStrategy"), refused["RobustAccuracy"]
+
+
+def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:
+    check_one_device_report(run_fsdp_script(tmp_path / "fsdp.json", "cpu"), tol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_no_shard"])
+def test_freelb_on_two_fsdp_processes_equals_one_process(tmp_path: Any, strategy: str) -> None:
+    configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0"]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_script.py"), str(tmp_path), strategy, *configs],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for cfg in configs:
+        name, method = cfg.split(":")[:2]
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(WORLD)]
+        assert len(ranks[0]["weights"]) == 2 * 16 // (WORLD * 2)
+        for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
+            assert torch.equal(w0, w1)  # the full parameters, gathered on every rank after every step
+        assert float((ranks[0]["weights"][-1] - single_process_reference(cfg)).abs().max()) < 1e-5, cfg
+        if method != "none":
+            assert ranks[0]["attacks"] == [2 * 16 // WORLD // 2]
+            plain = torch.load(tmp_path / "none_rank0.pt")["weights"][-1]
+            assert float((ranks[0]["weights"][-1] - plain).abs().max()) > 1e-3
