@@ -120,7 +120,8 @@ def adversarial_backward(
         output = loss_fn()
         loss = _required(output)
         step.before_backward(output)
-        step.backward(loss)
+        joined = step.take_joined()
+        step.backward(loss if joined is None else loss + joined)
         outcomes = step.after_backward()
     finally:
         step.close()

@@ -1,7 +1,8 @@
-"""Runs a matrix of 2-rank CPU DDP fits (gloo) and saves every rank's weights after every optimizer step.
+"""Runs a matrix of 2-rank CPU DDP or FSDP fits (gloo) and saves every rank's weights after every optimizer step.
 
-Launched by tests/test_ddp.py as ``python tests/ddp_script.py OUT_DIR STRATEGY CONFIG [CONFIG ...]``; a CONFIG
-is ``name:method:adv_step:accumulate:precision:find_unused:manual``. Lightning re-runs this script for rank 1.
+Launched by tests/test_ddp.py and tests/test_fsdp.py as ``python tests/ddp_script.py OUT_DIR STRATEGY CONFIG
+[CONFIG ...]``; STRATEGY is ``ddp``, ``ddp_spawn``, ``fsdp`` (FULL_SHARD) or ``fsdp_no_shard``; a CONFIG is
+``name:method:adv_step:accumulate:precision:find_unused:manual``. Lightning re-runs this script for rank 1.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ class Data(L.LightningDataModule):
         return DataLoader(ds, batch_size=2, sampler=sampler)
 
 
+class CloseGroupAtTeardown(Callback):
+    """ddp_spawn: the workers exit after the fit, with their process group still open (see end_distributed)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        end_distributed()
+
+
 def parse(config: str) -> dict:
     name, method, adv_step, acc, precision, find_unused, manual = config.split(":")
     return dict(name=name, method=method, adv_step=int(adv_step), accumulate=int(acc), precision=precision,
@@ -114,8 +122,9 @@ def main() -> None:
             strategy = cpu_fsdp_strategy(sharding_strategy="NO_SHARD" if strategy_name == "fsdp_no_shard" else "FULL_SHARD")
         else:
             strategy = DDPStrategy(find_unused_parameters=cfg["find_unused"], start_method="spawn" if strategy_name == "ddp_spawn" else "popen")
+        closing = [CloseGroupAtTeardown()] if strategy_name == "ddp_spawn" else []
         t = trainer(max_epochs=2, devices=2, strategy=strategy, precision=cfg["precision"],
-                    accumulate_grad_batches=1 if cfg["manual"] else cfg["accumulate"], callbacks=attack_cbs + [recorder],
+                    accumulate_grad_batches=1 if cfg["manual"] else cfg["accumulate"], callbacks=attack_cbs + [recorder] + closing,
                     use_distributed_sampler=False)
         t.fit(module, datamodule=Data())
         metrics = {k: float(v) for k, v in t.callback_metrics.items()}

@@ -161,22 +161,15 @@ def test_fsdp_refused_for_weight_space_methods_with_the_reason(make):
         make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
 
 
-@pytest.mark.parametrize("make", [R3FCallback, SMARTCallback])
-def test_fsdp_with_several_processes_refused_for_r3f_and_smart(make):
+@pytest.mark.parametrize("make", [FreeLBCallback, SMARTCallback])
+def test_fsdp_with_several_processes_and_accumulation_refused_for_freelb_and_smart(make):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")  # one device: supported
-    with pytest.raises(ValueError, match=r"supports FSDPStrategy on one device only \(world_size=2 here\).*Use FreeLBCallback"):
-        make().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
-
-
-def test_fsdp_with_several_processes_needs_freelb_without_accumulation():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
-    FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), accumulate=4), TextModule(), "fit")
-    with pytest.raises(ValueError, match=r"world_size=2\) needs accumulate_grad_batches=1 \(got 4\)"):
-        FreeLBCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
+    make().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
+    make().setup(_fake_trainer_of(FSDPStrategy(), accumulate=4), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"world_size=2\) needs accumulate_grad_batches=1 \(got 4\).*R3FCallback"):
+        make().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
+    R3FCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
 
 
 def test_checkpoint_resume_keeps_counters(tmp_path):

@@ -123,7 +123,8 @@ def _views_step(model, methods, ids, y, grads_are_views):
         step.before_forward()
         out = loss_fn()
         step.before_backward(out)
-        out["loss"].backward()
+        joined = step.take_joined()  # R3F, SMART with grads_are_views: their extra loss joins the clean backward
+        (out["loss"] if joined is None else out["loss"] + joined).backward()
         step.after_backward()
     finally:
         step.close()

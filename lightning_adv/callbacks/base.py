@@ -41,12 +41,12 @@ class AdversarialCallback(Callback):
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
     """
 
-    #: whether the callback runs under Lightning's ``FSDPStrategy`` on one device (the methods that perturb the
-    #: embedding output: FreeLB, R3F, SMART; the engine then changes FSDP's ``.grad`` views only in place)
+    #: whether the callback runs under Lightning's ``FSDPStrategy`` (the methods that perturb the embedding output:
+    #: FreeLB, R3F, SMART; the engine then changes FSDP's ``.grad`` views only in place)
     supports_fsdp: bool = False
-    #: whether it also runs under FSDP with several processes (FreeLB, without gradient accumulation); R3F and SMART
-    #: backpropagate their extra forward before the clean backward, and FSDP then reduces only one of the two
-    supports_fsdp_processes: bool = False
+    #: whether, under FSDP with several processes, it also runs with gradient accumulation (R3F: it never copies
+    #: ``.grad``; FreeLB and SMART do, and between micro-batches FSDP shows ``.grad`` of another shape there)
+    supports_fsdp_accumulation: bool = False
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
@@ -125,19 +125,12 @@ class AdversarialCallback(Callback):
                     "parameter, which FSDP keeps sharded in its flat parameters. Use FreeLBCallback, R3FCallback or "
                     f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED_STRATEGIES}."
                 )
-            if trainer.world_size > 1 and not self.supports_fsdp_processes:
-                raise ValueError(
-                    f"{owner} supports FSDPStrategy on one device only (world_size={trainer.world_size} here): it "
-                    "backpropagates its perturbed forward before the clean backward, and with several processes FSDP "
-                    "reduces the gradient of only one of the two (the ranks diverge). Use FreeLBCallback, or DDP "
-                    "('ddp'), or FSDP on one device."
-                )
-            if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1:
+            if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1 and not self.supports_fsdp_accumulation:
                 raise ValueError(
                     f"{owner} under FSDPStrategy with several processes (world_size={trainer.world_size}) needs "
                     f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches FSDP "
                     "shows gradients of another shape in `.grad`, which the attack cannot keep apart. Use a larger "
-                    "batch, DDP ('ddp'), or FSDP on one device."
+                    "batch, R3FCallback, DDP ('ddp'), or FSDP on one device."
                 )
             if not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
                 raise ValueError(
@@ -181,7 +174,7 @@ class AdversarialCallback(Callback):
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self._leads(trainer):
-            coordinator_of(trainer).before_backward(pl_module)
+            coordinator_of(trainer).before_backward(pl_module, loss)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._leads(trainer):

@@ -15,7 +15,7 @@ from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.isolation import (
     SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging,
 )
-from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, pass_output
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, join_clean_loss, pass_output
 
 _COORDINATORS: "weakref.WeakKeyDictionary[Any, Coordinator]" = weakref.WeakKeyDictionary()
 
@@ -54,6 +54,7 @@ class Coordinator:
         self._captured: Any = None
         self._watch: Optional[SideEffects] = None  # the module's public state after the clean pass
         self._capturing: Any = None  # the module whose training_step output is captured
+        self._scaled: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss  # a loss as the clean one is scaled
         self._warned: set = set()
 
     def start_fit(self, pl_module: Any) -> None:
@@ -87,12 +88,15 @@ class Coordinator:
                 return compat.run_step(trainer, "adversarial_loss", (batch_copy, index))
             return compat.run_step(trainer, "training_step", compat.step_args(pl_module, batch_copy, index))
 
-        def backward(loss: torch.Tensor) -> None:
+        def scaled(loss: torch.Tensor) -> torch.Tensor:  # as Lightning scales the clean loss
             if k != 1:
                 loss = loss / k
-            if scaler is not None:
-                loss = scaler.scale(loss)
-            trainer.precision_plugin.backward(loss, pl_module, optimizer)
+            return scaler.scale(loss) if scaler is not None else loss
+
+        def backward(loss: torch.Tensor) -> None:
+            trainer.precision_plugin.backward(scaled(loss), pl_module, optimizer)
+
+        self._scaled = scaled
 
         sync = BackwardSync(compat.ddp_module(trainer))
         self.step = AttackStep(
@@ -119,13 +123,17 @@ class Coordinator:
         object.__setattr__(pl_module, "training_step", training_step)
         self._capturing = pl_module
 
-    def before_backward(self, pl_module: Any) -> None:
+    def before_backward(self, pl_module: Any, root: torch.Tensor) -> None:
+        """``root``: the tensor Lightning is about to backpropagate (the clean loss, divided and scaled)."""
         if self.step is not None and self._phase == "forward" and pl_module.automatic_optimization:
             self._phase = "backward"
             output, self._captured = self._captured, None
             self._watch = SideEffects(pl_module)
             with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
                 self.step.before_backward(output)
+            joined = self.step.take_joined()
+            if joined is not None:
+                join_clean_loss(root, self._scaled(joined))
 
     def _guarded(self, pl_module: Any) -> Any:
         return (self.guard if self.guard is not None else StateGuard(pl_module)).preserved()
@@ -171,7 +179,8 @@ class Coordinator:
             self._watch = SideEffects(pl_module)
             with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
                 step.before_backward(output)
-            pl_module.manual_backward(loss)
+            joined = step.take_joined()
+            pl_module.manual_backward(loss if joined is None else loss + joined)
             self.plan = plan
             self._run(pl_module, step)
         finally:

@@ -51,7 +51,6 @@ class FreeLBCallback(AdversarialCallback):
     """
 
     supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
-    supports_fsdp_processes = True  # without gradient accumulation: tests/test_fsdp.py
 
     def __init__(
         self,

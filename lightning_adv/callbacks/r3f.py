@@ -50,6 +50,7 @@ class R3FCallback(AdversarialCallback):
     """
 
     supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+    supports_fsdp_accumulation = True  # also with several processes: tests/test_fsdp.py
 
     def __init__(
         self,

@@ -3,9 +3,10 @@ perturbed embedding output, added to the clean loss.
 
 Adding it costs no extra backward through the clean forward: the divergence is differentiated on detached
 copies of the two logits (a few numbers per example); its gradient with respect to the perturbed logits is
-backpropagated through the perturbed forward at once, and the one with respect to the clean logits joins the
-clean backward through a hook on the clean logits, scaled as the clean loss is (accumulation, GradScaler).
-The result equals the backward of ``loss + weight * divergence``.
+backpropagated through the perturbed forward at once (under FSDP, with the clean loss in its backward:
+:meth:`AttackStep.backward_with_clean`), and the one with respect to the clean logits joins the clean backward
+through a hook on the clean logits, scaled as the clean loss is (accumulation, GradScaler). The result equals the
+backward of ``loss + weight * divergence``.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class SmoothnessMethod(Method):
             return grad + (g_clean * factor).to(grad.dtype).reshape(grad.shape)
 
         self._hooks = [clean.loss.register_hook(capture), clean.logits.register_hook(join)]
-        step.backward((perturbed.to(z_clean.dtype).reshape(z_clean.shape) * g_perturbed).sum())
+        step.backward_with_clean((perturbed.to(z_clean.dtype).reshape(z_clean.shape) * g_perturbed).sum())
         self._outcome = Outcome(value.detach(), ~valid)
 
     def run(self, step: AttackStep) -> Outcome:

@@ -19,7 +19,7 @@ from torch import nn
 from lightning_adv.core.grads import GradientStash
 from lightning_adv.core.passes import BackwardSync, Outcome, PassOutput, SkipAttack, pass_output
 
-__all__ = ["AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "pass_output"]
+__all__ = ["AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "join_clean_loss", "pass_output"]
 
 Grads = List[Optional[torch.Tensor]]
 
@@ -32,7 +32,8 @@ class AttackStep:
     """One micro-batch: the clean pass, then every method's passes, with one merge of the gradients.
 
     Call :meth:`before_forward` before the clean forward, :meth:`before_backward` between the clean forward and
-    its backward, :meth:`after_backward` after it, and :meth:`close` in ``finally``; :func:`adversarial_backward`
+    its backward (then backpropagate the clean loss plus :meth:`take_joined`, if not None), :meth:`after_backward`
+    after it, and :meth:`close` in ``finally``; :func:`adversarial_backward`
     does all of it for a plain loop. A method calls :meth:`clean_grads`, :meth:`zero_grad`, :meth:`forward` and
     :meth:`backward` while it runs.
 
@@ -102,6 +103,7 @@ class AttackStep:
             )
         self._live = False  # the clean gradient still lives in .grad
         self._backwards = 0
+        self._joined: Optional[torch.Tensor] = None
         self.outcomes: List[Outcome] = []
 
     # -- phases, called by the driver ----------------------------------------------------------------------------
@@ -242,6 +244,22 @@ class AttackStep:
         self._backwards += 1
         self._backward(loss)
 
+    def backward_with_clean(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``, a loss of this micro-batch's extra forward, with the clean loss (SMART, R3F, from
+        ``before_backward``). By default at once; with ``grads_are_views`` (FSDP) the driver adds it to the clean loss
+        (:meth:`take_joined`), so that the micro-batch has one backward: FSDP reduces the gradient of one backward
+        after its forwards, and a backward of the extra forward before the clean one left the ranks apart."""
+        if not self._views:
+            self.backward(loss)
+            return
+        self._joined = loss if self._joined is None else self._joined + loss
+
+    def take_joined(self) -> Optional[torch.Tensor]:
+        """What the clean backward must backpropagate with the clean loss (:meth:`backward_with_clean`), unscaled;
+        None if nothing. A driver calls it after :meth:`before_backward` (see :func:`join_clean_loss`)."""
+        joined, self._joined = self._joined, None
+        return joined
+
     def input_gradient(self, loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
         """The gradient of ``loss`` with respect to ``tensor`` (a perturbation, a leaf that requires grad), with the
         parameters' ``.grad`` left as they are (SMART's ascent).
@@ -311,6 +329,16 @@ class AttackStep:
         self._merged = True
 
 
+def join_clean_loss(root: torch.Tensor, joined: Optional[torch.Tensor]) -> None:
+    """Make the backward of ``root`` (the tensor a trainer is about to backpropagate, already scaled as it will be)
+    also backpropagate ``joined`` (:meth:`AttackStep.take_joined`, scaled the same way), without changing its value:
+    ``root += joined - joined.detach()`` in place, with a non-finite ``joined`` counted as 0 (its gradient is then 0)."""
+    if joined is None:
+        return
+    joined = torch.nan_to_num(joined.to(root.dtype), 0.0, 0.0, 0.0)
+    root.add_(joined - joined.detach())
+
+
 def adversarial_backward(
     model: nn.Module,
     methods: Sequence[Any],
@@ -342,7 +370,8 @@ def adversarial_backward(
         clean = pass_output(output)
         if clean is None:
             raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss of the batch.")
-        step.backward(clean.loss)
+        joined = step.take_joined()
+        step.backward(clean.loss if joined is None else clean.loss + joined)
         return step.after_backward()
     finally:
         step.close()
