@@ -140,8 +140,8 @@ class AdversarialCallback(Callback):
         elif any(w in n for n in names for w in _SHARDING) or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
             raise ValueError(
                 f"{owner} does not support the strategy {type(trainer.strategy).__name__}: strategies that shard parameters "
-                f"or gradients (DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}; and FSDPStrategy "
-                "for FreeLB, R3F and SMART."
+                f"or gradients (DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}; and "
+                "FSDPStrategy for FreeLB, R3F and SMART."
             )
         if "DDPStrategy" in names and compat.ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view"):
             raise ValueError(

@@ -19,7 +19,10 @@ from torch import nn
 from lightning_adv.core.grads import GradientStash
 from lightning_adv.core.passes import BackwardSync, Outcome, PassOutput, SkipAttack, pass_output
 
-__all__ = ["AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "join_clean_loss", "pass_output"]
+__all__ = [
+    "AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "join_clean_loss",
+    "pass_output",
+]
 
 Grads = List[Optional[torch.Tensor]]
 
@@ -50,8 +53,8 @@ class AttackStep:
         grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, whose shape and storage the
             owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): ``.grad`` is then
             never reassigned, only changed in place. Earlier gradients are copied aside and zeroed in place before
-            the clean backward and added back at the end of :meth:`after_backward`, after the last backward; every backward reduces its
-            own gradient. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
+            the clean backward and added back at the end of :meth:`after_backward`, after the last backward; every
+            backward reduces its own gradient. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
             are refused, and at most one method may run after the backward (FreeLB).
     """
 
@@ -90,8 +93,8 @@ class AttackStep:
         readers = [type(m).__name__ for m in self.methods if getattr(m, "reads_gradient", False)]
         if grads_are_views and readers:
             raise ValueError(
-                f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, which "
-                "gradients that are views into a sharded buffer (FSDP) do not hold. Use a method that perturbs the "
+                f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, "
+                "which gradients that are views into a sharded buffer (FSDP) do not hold. Use a method that perturbs the "
                 "embedding output (FreeLB, R3F, SMART), or train without sharding (single device or DDP)."
             )
         if grads_are_views and len(after) > 1:
@@ -219,7 +222,9 @@ class AttackStep:
     def zero_grad(self) -> None:
         """Discard the gradients of the method's earlier passes (the clean gradient is moved aside, not lost)."""
         if self._views:
-            raise RuntimeError("AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)")
+            raise RuntimeError(
+                "AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)"
+            )
         if self._live:
             self._live = False
             self._clean = self._base = [p.grad for p in self.params]
