@@ -134,10 +134,11 @@ def _views_step(model, methods, ids, y, grads_are_views):
                                   lambda m: R3F(m, eps=0.3, embedding=EMB, generator=torch.Generator().manual_seed(1)),
                                   lambda m: SMART(m, adv_alpha=2.0, step_size=0.5, noise_var=0.1, steps=2, embedding=EMB,
                                                   generator=torch.Generator().manual_seed(1))])
-def test_in_place_gradient_stash_equals_moving_them(make):
-    """With `.grad` kept in place (copied aside and zeroed, as views into FSDP's flat gradient need), an accumulated
-    micro-batch gives exactly the gradient of the default path, which moves the `.grad` tensors aside. SMART's ascent
-    gradient then comes from a full backward with `.grad` written back in place (AttackStep.input_gradient)."""
+def test_gradient_views_give_the_gradient_of_moving_them(make):
+    """With `.grad` never reassigned (views into FSDP's flat gradient): an accumulated micro-batch gives exactly the
+    gradient of the default path, which moves the `.grad` tensors aside. The earlier gradient stays in `.grad` (FreeLB:
+    divided by its clean weight before the clean backward); SMART's ascent gradient comes from a full backward with
+    `.grad` written back in place (AttackStep.input_gradient); R3F's and SMART's perturbed loss joins the clean one."""
     results = []
     for in_place in (False, True):
         torch.manual_seed(0)
@@ -195,3 +196,29 @@ def test_input_gradient_with_views_leaves_grad_as_it_was():
             assert p.grad is not None and float(p.grad.abs().max()) == 0.0  # the backward created it: zeroed
         else:
             assert p.grad is views[n] and torch.equal(p.grad, before[n])
+
+
+def test_skipped_freelb_pass_with_gradient_views_warns():
+    """A FreeLB pass that returns None after the clean backward: with views the clean gradient cannot be told apart
+    from the earlier ones any more, so it stays weighted by clean_weight, and the user is told."""
+    from lightning_adv.core import AttackStep
+
+    model = TinyText()
+    ids, y = _batch()
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return None if len(calls) > 1 else F.cross_entropy(model(ids), y)
+
+    step = AttackStep(model.parameters(), [FreeLB(model, adv_steps=2, embedding=EMB)], loss_fn, grads_are_views=True)
+    try:
+        step.before_forward()
+        out = loss_fn()
+        step.before_backward(out)
+        out.backward()
+        with pytest.warns(RuntimeWarning, match=r"FreeLB: a pass returned None .* weighted by 0.333333, as if attacked"):
+            (outcome,) = step.after_backward()
+    finally:
+        step.close()
+    assert bool(outcome.skipped)

@@ -2,9 +2,9 @@
 
 On one device FSDP runs NO_SHARD (flat parameters, ``.grad`` views, its backward hooks): FreeLB, R3F and SMART, with
 and without gradient accumulation, end with the weights of the same fit under the default strategy. With two
-processes (FULL_SHARD and NO_SHARD) FreeLB, SMART (without accumulation) and R3F (with) equal one process over the
-same micro-batches. FGM, AWP, PGD and RobustAccuracy are refused with their reason; FreeLB and SMART with several
-processes and accumulation are refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
+processes (FULL_SHARD and NO_SHARD) FreeLB and R3F (with gradient accumulation) and SMART (without) equal one
+process over the same micro-batches. FGM, AWP, PGD and RobustAccuracy are refused with their reason; SMART with
+several processes and accumulation is refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
 one-device script with Lightning's FSDPStrategy on a GPU.
 """
 
@@ -57,8 +57,8 @@ def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_no_shard"])
 def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> None:
-    configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0", "r3f_k2:r3f:1:2:32-true:0:0",
-               "smart_k1:smart:1:1:32-true:0:0"]
+    configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0", "freelb2_k2:freelb:2:2:32-true:0:0",
+               "r3f_k2:r3f:1:2:32-true:0:0", "smart_k1:smart:1:1:32-true:0:0"]
     proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_script.py"), str(tmp_path), strategy, *configs],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

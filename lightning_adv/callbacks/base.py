@@ -44,8 +44,8 @@ class AdversarialCallback(Callback):
     #: whether the callback runs under Lightning's ``FSDPStrategy`` (the methods that perturb the embedding output:
     #: FreeLB, R3F, SMART; the engine then changes FSDP's ``.grad`` views only in place)
     supports_fsdp: bool = False
-    #: whether, under FSDP with several processes, it also runs with gradient accumulation (R3F: it never copies
-    #: ``.grad``; FreeLB and SMART do, and between micro-batches FSDP shows ``.grad`` of another shape there)
+    #: whether, under FSDP with several processes, it also runs with gradient accumulation (FreeLB, R3F; SMART's
+    #: ascent copies ``.grad`` aside, and between micro-batches sharded FSDP holds ``.grad`` unsharded and unreduced)
     supports_fsdp_accumulation: bool = False
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
@@ -128,9 +128,9 @@ class AdversarialCallback(Callback):
             if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1 and not self.supports_fsdp_accumulation:
                 raise ValueError(
                     f"{owner} under FSDPStrategy with several processes (world_size={trainer.world_size}) needs "
-                    f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches FSDP "
-                    "shows gradients of another shape in `.grad`, which the attack cannot keep apart. Use a larger "
-                    "batch, R3FCallback, DDP ('ddp'), or FSDP on one device."
+                    f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches sharded FSDP "
+                    "holds `.grad` unsharded and unreduced, which the ascent cannot copy aside. Use a larger batch, "
+                    "FreeLBCallback or R3FCallback, DDP ('ddp'), or FSDP on one device."
                 )
             if not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
                 raise ValueError(

@@ -51,6 +51,7 @@ class FreeLBCallback(AdversarialCallback):
     """
 
     supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+    supports_fsdp_accumulation = True  # also with several processes: tests/test_fsdp.py
 
     def __init__(
         self,

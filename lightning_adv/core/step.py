@@ -11,6 +11,7 @@ gradient; "replace" methods (AWP) replace the clean one. Every method restores w
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -52,9 +53,9 @@ class AttackStep:
             DDP, where a rank holds its local part of the mean); only magnitude guards see it.
         grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, whose shape and storage the
             owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): ``.grad`` is then
-            never reassigned, only changed in place. Earlier gradients are copied aside and zeroed in place before
-            the clean backward and added back at the end of :meth:`after_backward`, after the last backward; every
-            backward reduces its own gradient. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
+            never reassigned, only changed in place, and the earlier micro-batches' gradients stay in it (FSDP
+            reduces them with the step's last backward): they are divided by FreeLB's clean weight before the clean
+            backward, which the clean gradient is then multiplied by. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
             are refused, and at most one method may run after the backward (FreeLB).
     """
 
@@ -76,7 +77,7 @@ class AttackStep:
         self.sync = sync or BackwardSync()
         self.sync_last = sync_last
         self.grad_scale = grad_scale
-        self.earlier = GradientStash(self.params, in_place=grads_are_views)
+        self.earlier = GradientStash(self.params)
         self._position: Dict[int, int] = {id(p): i for i, p in enumerate(self.params)}
         self._clean: Optional[Grads] = None
         self._base: Optional[Grads] = None
@@ -121,7 +122,10 @@ class AttackStep:
         loss (SMART, R3F) run their passes. Without methods after the backward, the clean backward is the step's
         last one: the DDP all-reduce is armed for it."""
         if self._last >= 0:
-            self.earlier.stash()
+            if self._views:
+                self._unweight_earlier()
+            else:
+                self.earlier.stash()
         clean = pass_output(output) if output is not None else None
         for i, method in enumerate(self.methods):
             self._current = i
@@ -175,8 +179,6 @@ class AttackStep:
                     self._parts.append(grads)
         if not self._merged:  # no final pass ran (every attack skipped): the gradients as they are
             self._merge(replacing=False)
-        if self._views:  # every backward of the micro-batch has run: earlier gradients back before the optimizer
-            self.earlier.merge()
         return self.outcomes
 
     def _skipped(self, method: Any) -> None:
@@ -186,10 +188,27 @@ class AttackStep:
             self.zero_grad()
             if self._base is not None and self._base is self._clean:  # a skipped method does not weight it (FreeLB)
                 self._base_weight /= weight
+        elif self._backwards == 0 and weight != 1.0 and self._views:
+            warnings.warn(
+                f"{type(method).__name__}: a pass returned None after the clean backward; with gradients that are views "
+                "(FSDP) the earlier micro-batches' gradients share `.grad` with the clean one, so this micro-batch keeps "
+                f"its clean gradient weighted by {weight:g}, as if attacked.",
+                RuntimeWarning,
+            )
         elif self._backwards == 0 and weight != 1.0:  # still only the (weighted) clean gradient in .grad
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, 1.0 / weight)
+
+    def _unweight_earlier(self) -> None:
+        """With views, before the clean backward: divide the earlier micro-batches' gradients by the clean weight
+        that :meth:`after_backward` multiplies ``.grad`` by (FreeLB), so that ``.grad`` ends as ``earlier + weight *
+        clean``, with no copy and no change of shape: FSDP may hold them unreduced and unsharded until the step's
+        last backward (gradient accumulation), which reduces everything ``.grad`` holds."""
+        weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if weight != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / weight)
 
     def close(self) -> None:
         """Remove the methods' hooks, put back anything still aside, release the DDP sync (idempotent)."""
@@ -308,7 +327,7 @@ class AttackStep:
         return grads
 
     def _merge(self, replacing: bool) -> None:
-        if self._views:  # the gradients accumulate in .grad; earlier ones are added back after the last backward
+        if self._views:  # the gradients accumulate in .grad, the earlier ones included
             self._live, self._base, self._parts, self._merged = False, None, [], True
             return
         self._live = False
