@@ -5,7 +5,8 @@ initialises a process group) by tests/test_fsdp.py on the CPU and by tests/test_
 
 On the GPU it is Lightning's own ``FSDPStrategy()``; on the CPU the same strategy with the module wrapped for the CPU
 (``helpers.cpu_fsdp_strategy``). On one device FSDP runs ``NO_SHARD``: flat parameters, ``.grad`` views and its
-backward hooks, without the reduction. Writes, per configuration (``ddp_script.parse`` format), the final weights
+backward hooks, without the reduction. Writes, per configuration (``ddp_script.parse`` format on the tiny text model;
+``BERT_CONFIGS`` on a 2-layer BertForSequenceClassification wrapped by FSDP layer by layer), the final weights
 of both fits and the attack counts, and the messages that refuse FGM, AWP, PGD and RobustAccuracy (whose attack,
 a backward to the perturbation only, leaves FSDP's parameter views unregistered: the weights after two epochs
 with validation differed from one device by 0.12 before it was refused).
@@ -26,9 +27,14 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 
+import lightning as L  # noqa: E402
+import transformers  # noqa: E402
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
+
 from ddp_script import callbacks_for, module_for, parse  # noqa: E402
 from helpers import cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
-from lightning_adv import AWPCallback, FGMCallback, PGDCallback, RobustAccuracy  # noqa: E402
+from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback  # noqa: E402
+from test_usage import hf_batches  # noqa: E402
 
 CONFIGS = [
     "none_k2:none:1:2:32-true:0:0",
@@ -41,6 +47,65 @@ CONFIGS = [
 ]
 # Manual optimization is left out: Lightning 2.6 runs training_step inside FSDP's forward, where FSDP refuses a
 # backward (plain manual_backward fails the same way: "Expects BACKWARD_PRE or BACKWARD_POST state").
+
+
+# -- a real transformers model, FSDP-wrapped layer by layer ---------------------------------------------------------
+
+
+class TinyBert(L.LightningModule):
+    """A 2-layer BertForSequenceClassification (no dropout: the same computation under every strategy), plain SGD;
+    the step returns ``{"loss", "logits"}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
+        out = self.model(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class IdsSeeded(L.Callback):
+    """The noise of R3F/SMART seeded by the batch's token ids: the same for a micro-batch wherever it runs."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        for cb in trainer.callbacks:
+            method = getattr(cb, "method", None)
+            if method is not None and hasattr(method, "generator"):
+                method.generator = torch.Generator(pl_module.device).manual_seed(int(batch["input_ids"].sum()))
+
+
+def bert_callbacks(method: str) -> List[Any]:
+    if method == "freelb":
+        return [FreeLBCallback(adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, adv_max_norm=0.2)]
+    if method == "r3f":
+        return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal"), IdsSeeded()]
+    if method == "smart":
+        return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), IdsSeeded()]
+    return []
+
+
+def bert_fsdp(device: str, **kwargs: Any) -> Any:
+    wrap = ModuleWrapPolicy({transformers.models.bert.modeling_bert.BertLayer})  # one FSDP unit per layer, and the root
+    return FSDPStrategy(auto_wrap_policy=wrap, **kwargs) if device == "cuda" else cpu_fsdp_strategy(auto_wrap_policy=wrap, **kwargs)
+
+
+def bert_fit(method: str, accumulate: int, device: str, fsdp: bool) -> Dict[str, Any]:
+    module, cbs = TinyBert(), bert_callbacks(method)
+    trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=bert_fsdp(device) if fsdp else "auto",
+            max_epochs=1, accumulate_grad_batches=accumulate, callbacks=cbs,
+            use_distributed_sampler=False).fit(module, hf_batches("cls", 0, n=16))
+    return dict(weights=weights(module), attacks=[cb.attacks for cb in cbs if hasattr(cb, "attacks")])
+
+
+BERT_CONFIGS = ["bert_none_k2:none:2", "bert_freelb_k2:freelb:2", "bert_r3f_k2:r3f:2", "bert_smart_k2:smart:2"]
 
 
 def weights(module: Any) -> List[float]:
@@ -74,6 +139,9 @@ def main(path: str, device: str) -> None:
     for config in CONFIGS:
         cfg = parse(config)
         report[cfg["name"]] = dict(single=fit(cfg, device, False), fsdp=fit(cfg, device, True))
+    for config in BERT_CONFIGS:
+        name, method, accumulate = config.split(":")
+        report[name] = dict(single=bert_fit(method, int(accumulate), device, False), fsdp=bert_fit(method, int(accumulate), device, True))
     refused: Dict[str, str] = {"RobustAccuracy": robust_refused(device)}
     for make in (FGMCallback, AWPCallback, PGDCallback):
         try:

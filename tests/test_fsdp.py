@@ -1,7 +1,8 @@
 """Lightning's FSDPStrategy (on CPU processes, gloo): FreeLB, R3F and SMART equal the run without FSDP.
 
 On one device FSDP runs NO_SHARD (flat parameters, ``.grad`` views, its backward hooks): FreeLB, R3F and SMART, with
-and without gradient accumulation, end with the weights of the same fit under the default strategy. With two
+and without gradient accumulation, end with the weights of the same fit under the default strategy, on a tiny text
+model and on a BertForSequenceClassification wrapped by FSDP layer by layer. With two
 processes (FULL_SHARD and NO_SHARD) FreeLB and R3F (with gradient accumulation) and SMART (without) equal one
 process over the same micro-batches. FGM, AWP, PGD and RobustAccuracy are refused with their reason; SMART with
 several processes and accumulation is refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
@@ -19,7 +20,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from fsdp_script import CONFIGS
+from fsdp_script import BERT_CONFIGS, CONFIGS
 from test_ddp import WORLD, single_process_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +46,13 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
             assert report[name]["fsdp"]["attacks"] == report[name]["single"]["attacks"] == [16], name  # 2 epochs x 8
         if name.endswith("_k2") and name != "none_k2":  # the attack changes training (same schedule as none_k2)
             assert float((fsdp - plain).abs().max()) > 1e-3, name
+    bert_plain = torch.tensor(report["bert_none_k2"]["single"]["weights"])
+    for name in [c.split(":")[0] for c in BERT_CONFIGS]:  # BERT wrapped layer by layer: several FSDP units
+        single, fsdp = (torch.tensor(report[name][k]["weights"]) for k in ("single", "fsdp"))
+        assert float((single - fsdp).abs().max()) < tol, name
+        if name != "bert_none_k2":
+            assert report[name]["fsdp"]["attacks"] == report[name]["single"]["attacks"] == [4], name
+            assert float((fsdp - bert_plain).abs().max()) > 1e-4, name
     refused = report["refused"]
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
@@ -75,3 +83,22 @@ def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> N
         if k == 1 and method != "none":  # against the run without attack (same schedule): the attack is not a no-op
             plain = torch.load(tmp_path / "none_rank0.pt")["weights"][-1]
             assert float((ranks[0]["weights"][-1] - plain).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("sharding", ["FULL_SHARD", "NO_SHARD"])
+def test_bert_wrapped_by_layer_on_two_fsdp_processes_equals_one_process(tmp_path: Any, sharding: str) -> None:
+    configs = ["none:none:2", "freelb:freelb:2", "r3f:r3f:2", "smart:smart:1"]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_bert_script.py"), str(tmp_path), sharding, *configs],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    plain = torch.load(tmp_path / "none_reference.pt")
+    for cfg in configs:
+        name = cfg.split(":")[0]
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(WORLD)]
+        reference = torch.load(tmp_path / f"{name}_reference.pt")
+        assert torch.equal(ranks[0]["weights"], ranks[1]["weights"]), name
+        assert float((ranks[0]["weights"] - reference).abs().max()) < 1e-6, name
+        if name != "none":
+            assert ranks[0]["attacks"] == [16 // WORLD // 2], name
+        if name != "none" and cfg.endswith(":2"):  # the attack changes training (the same schedule as "none")
+            assert float((reference - plain).abs().max()) > 1e-4, name
