@@ -57,6 +57,9 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
     assert refused["RobustAccuracy"].startswith("RobustAccuracy does not support FSDPStrategy"), refused["RobustAccuracy"]
+    # the reason: with the refusal lifted, the FSDP-wrapped encoder layers lose their registered parameters
+    lifted = report["robust_lifted"]
+    assert lifted["plain"] == 6930 and lifted["robust"] < lifted["plain"], lifted
 
 
 def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:

@@ -139,9 +139,10 @@ class RobustAccuracy(Callback):
             raise ValueError(
                 f"{type(self).__name__} does not support FSDPStrategy: its attack backpropagates to the perturbation "
                 "only, and FSDP, whose backward hooks expect every backward to reach its flat parameters, then leaves "
-                "the module holding unregistered parameter views (training diverges afterwards; seen in "
-                "tests/fsdp_script.py). Measure it with one device or DDP, e.g. `Trainer(devices=1).validate(model, "
-                "loader)` on a checkpoint."
+                "its wrapped layers holding unregistered parameter views (a BERT wrapped layer by layer lost its "
+                "encoder layers' parameters after one validation; seen in tests/fsdp_script.py), while with several "
+                "processes the parameters outside FSDP's forward are shards. Measure it with one device or DDP, e.g. "
+                "`Trainer(devices=1).validate(model, loader)` on a checkpoint."
             )
         if self.attack is not None and self.attack.model is not pl_module:
             self.attack = None
