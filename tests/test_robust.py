@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -93,9 +94,10 @@ _TRAINED: Dict[torch.dtype, PadNet] = {}
 
 
 def trained(dtype: torch.dtype = torch.float32) -> PadNet:
+    """A copy of the trained net (trained once): a fit on one copy does not change the next one."""
     if dtype not in _TRAINED:
         _TRAINED[dtype] = train_quickly(PadNet(seed=0, dtype=dtype), examples(128, seed=10))
-    return _TRAINED[dtype]
+    return copy.deepcopy(_TRAINED[dtype])
 
 
 def core(net: nn.Module, data: Sequence[Example], **kwargs: Any) -> Dict[str, float]:
