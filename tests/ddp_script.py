@@ -23,12 +23,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E
 
 from helpers import BatchSeeded, LogitsText, ManualText, TextModule, cpu_fsdp_strategy, end_distributed, make_data, trainer  # noqa: E402
 from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback  # noqa: E402
+from lightning_adv.callbacks.compat import is_fsdp  # noqa: E402
 
 ALLREDUCES = [0]
-
-
-def is_fsdp(trainer) -> bool:
-    return "FSDP" in type(trainer.strategy).__name__
 
 
 def full_params(trainer):

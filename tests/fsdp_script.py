@@ -32,7 +32,7 @@ import transformers  # noqa: E402
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 
 from ddp_script import callbacks_for, module_for, parse  # noqa: E402
-from helpers import cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
+from helpers import BatchSeeded, cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
 from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback  # noqa: E402
 from test_usage import hf_batches  # noqa: E402
 
@@ -72,23 +72,13 @@ class TinyBert(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class IdsSeeded(L.Callback):
-    """The noise of R3F/SMART seeded by the batch's token ids: the same for a micro-batch wherever it runs."""
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        for cb in trainer.callbacks:
-            method = getattr(cb, "method", None)
-            if method is not None and hasattr(method, "generator"):
-                method.generator = torch.Generator(pl_module.device).manual_seed(int(batch["input_ids"].sum()))
-
-
 def bert_callbacks(method: str) -> List[Any]:
     if method == "freelb":
         return [FreeLBCallback(adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, adv_max_norm=0.2)]
     if method == "r3f":
-        return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal"), IdsSeeded()]
+        return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal"), BatchSeeded()]
     if method == "smart":
-        return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), IdsSeeded()]
+        return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), BatchSeeded()]
     return []
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import lightning as L
 import torch
@@ -235,10 +235,14 @@ class SGDLogits(LogitsText):
 
 class BatchSeeded(L.Callback):
     """Seeds the noise of every method from the batch's content: the same noise for a micro-batch whichever
-    process or position runs it (DDP against single-process accumulation)."""
+    process or position runs it (DDP against single-process accumulation). ``(ids, labels)`` batches, or dict
+    (``BatchEncoding``) batches seeded by their ``input_ids``."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        seed = int(batch[0].sum()) * 1000 + int(batch[1].sum())
+        if isinstance(batch, Mapping):
+            seed = int(batch["input_ids"].sum())
+        else:
+            seed = int(batch[0].sum()) * 1000 + int(batch[1].sum())
         for cb in trainer.callbacks:
             method = getattr(cb, "method", None)
             if method is not None and hasattr(method, "generator"):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fsdp_script import BERT_CONFIGS, CONFIGS
-from test_ddp import WORLD, single_process_reference
+from test_ddp import WORLD, _launch, single_process_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,9 +70,7 @@ def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:
 def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> None:
     configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0", "freelb2_k2:freelb:2:2:32-true:0:0",
                "r3f_k2:r3f:1:2:32-true:0:0", "smart_k1:smart:1:1:32-true:0:0"]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_script.py"), str(tmp_path), strategy, *configs],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _launch(tmp_path, strategy, configs)
     for cfg in configs:
         name, method = cfg.split(":")[:2]
         ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(WORLD)]

@@ -55,8 +55,9 @@ class AttackStep:
             owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): ``.grad`` is then
             never reassigned, only changed in place, and the earlier micro-batches' gradients stay in it (FSDP
             reduces them with the step's last backward): they are divided by FreeLB's clean weight before the clean
-            backward, which the clean gradient is then multiplied by. Methods that read or clear the parameter gradients (``reads_gradient``: FGM, PGD, AWP)
-            are refused, and at most one method may run after the backward (FreeLB).
+            backward, which the clean gradient is then multiplied by. Methods that read or clear the parameter
+            gradients (``reads_gradient``: FGM, PGD, AWP) are refused, and at most one method may run after the
+            backward (FreeLB).
     """
 
     def __init__(
@@ -91,6 +92,8 @@ class AttackStep:
         # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
         self._single = len(after) == 1
         self._views = grads_are_views
+        # the product of the methods' clean weights (FreeLB: 1 / (1 + adv_steps)), applied to the clean gradient
+        self._clean_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
         readers = [type(m).__name__ for m in self.methods if getattr(m, "reads_gradient", False)]
         if grads_are_views and readers:
             raise ValueError(
@@ -147,7 +150,7 @@ class AttackStep:
         ascent passes keeps those passes). With several methods it is
         moved aside at once, and each method's contribution is kept apart until the merge.
         """
-        self._base_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
+        self._base_weight = self._clean_weight
         if self._single:
             self._live = True
             if self._base_weight != 1.0:  # FreeLB: weight the clean gradient in place
@@ -205,10 +208,9 @@ class AttackStep:
         that :meth:`after_backward` multiplies ``.grad`` by (FreeLB), so that ``.grad`` ends as ``earlier + weight *
         clean``, with no copy and no change of shape: FSDP may hold them unreduced and unsharded until the step's
         last backward (gradient accumulation), which reduces everything ``.grad`` holds."""
-        weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
         grads = [p.grad for p in self.params if p.grad is not None]
-        if weight != 1.0 and grads:
-            torch._foreach_mul_(grads, 1.0 / weight)
+        if self._clean_weight != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / self._clean_weight)
 
     def close(self) -> None:
         """Remove the methods' hooks, put back anything still aside, release the DDP sync (idempotent)."""
@@ -302,14 +304,11 @@ class AttackStep:
             loss.backward()
             grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
             tensor.grad = None
-        finally:
-            held = aside.take()
-            back = [(p.grad, g) for p, g in zip(self.params, held) if p.grad is not None and g is not None]
-            if back:
-                torch._foreach_copy_([a for a, _ in back], [b for _, b in back])
-            fresh = [p.grad for p, g in zip(self.params, held) if p.grad is not None and g is None]
-            if fresh:
-                torch._foreach_zero_(fresh)
+        finally:  # drop what this backward added, then put the earlier gradients back in place
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+            aside.merge()
         return grad
 
     def extra_forward(self) -> PassOutput:
@@ -327,8 +326,8 @@ class AttackStep:
         return grads
 
     def _merge(self, replacing: bool) -> None:
-        if self._views:  # the gradients accumulate in .grad, the earlier ones included
-            self._live, self._base, self._parts, self._merged = False, None, [], True
+        if self._views:  # the gradients accumulate in .grad, the earlier ones included (nothing was moved aside)
+            self._live, self._merged = False, True
             return
         self._live = False
         lists: List[Grads] = [self._take()]
