@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, Subset  # noqa: E402
 
-from fsdp_script import TinyBert, bert_callbacks, bert_fsdp  # noqa: E402
+from fsdp_script import TinyTransformer, hf_callbacks, layer_fsdp  # noqa: E402
 from helpers import end_distributed, trainer  # noqa: E402
 from test_usage import hf_batches  # noqa: E402
 
@@ -36,15 +36,15 @@ class Shares(L.LightningDataModule):
         return DataLoader(ROWS.dataset, batch_size=BATCH, collate_fn=ROWS.collate_fn, sampler=sampler)
 
 
-def flat(module: TinyBert) -> torch.Tensor:
+def flat(module: TinyTransformer) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.model.parameters()]).clone()
 
 
 def main(out: str, sharding: str, configs: list) -> None:
     for config in configs:
         name, method, accumulate = config.split(":")
-        module, cbs = TinyBert(), bert_callbacks(method)
-        t = trainer(accelerator="cpu", devices=WORLD, strategy=bert_fsdp("cpu", sharding_strategy=sharding), max_epochs=1,
+        module, cbs = TinyTransformer(), hf_callbacks(method)
+        t = trainer(accelerator="cpu", devices=WORLD, strategy=layer_fsdp("cpu", sharding_strategy=sharding), max_epochs=1,
                     accumulate_grad_batches=int(accumulate), callbacks=cbs, use_distributed_sampler=False)
         t.fit(module, datamodule=Shares())
         with FullyShardedDataParallel.summon_full_params(t.strategy.model, writeback=False):
@@ -54,9 +54,9 @@ def main(out: str, sharding: str, configs: list) -> None:
         if t.global_rank == 0:
             shares = [list(range(r, N, WORLD)) for r in range(WORLD)]
             order = [i for s in range(N // WORLD // BATCH) for r in range(WORLD) for i in shares[r][s * BATCH:(s + 1) * BATCH]]
-            reference = TinyBert()
+            reference = TinyTransformer()
             trainer(accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=WORLD * int(accumulate),
-                    callbacks=bert_callbacks(method)).fit(
+                    callbacks=hf_callbacks(method)).fit(
                 reference, DataLoader(Subset(ROWS.dataset, order), batch_size=BATCH, collate_fn=ROWS.collate_fn))
             torch.save(flat(reference), os.path.join(out, f"{name}_reference.pt"))
     end_distributed()

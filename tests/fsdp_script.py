@@ -6,7 +6,8 @@ initialises a process group) by tests/test_fsdp.py on the CPU and by tests/test_
 On the GPU it is Lightning's own ``FSDPStrategy()``; on the CPU the same strategy with the module wrapped for the CPU
 (``helpers.cpu_fsdp_strategy``). On one device FSDP runs ``NO_SHARD``: flat parameters, ``.grad`` views and its
 backward hooks, without the reduction. Writes, per configuration (``ddp_script.parse`` format on the tiny text model;
-``BERT_CONFIGS`` on a 2-layer BertForSequenceClassification wrapped by FSDP layer by layer), the final weights
+``HF_CONFIGS`` on 2-layer BERT, GPT-2 and Llama classifiers wrapped by FSDP layer by layer, some with a frozen
+input embedding), the final weights
 of both fits and the attack counts, and the messages that refuse FGM, AWP, PGD and RobustAccuracy (whose attack,
 a backward to the perturbation only, leaves FSDP-wrapped layers holding unregistered parameter views: with the
 refusal lifted, the layer-wrapped BERT counted 2,482 parameters after a fit with validation instead of 6,930).
@@ -49,30 +50,60 @@ CONFIGS = [
 # backward (plain manual_backward fails the same way: "Expects BACKWARD_PRE or BACKWARD_POST state").
 
 
-# -- a real transformers model, FSDP-wrapped layer by layer ---------------------------------------------------------
+# -- real transformers models, FSDP-wrapped layer by layer ----------------------------------------------------------
 
 
-class TinyBert(L.LightningModule):
-    """A 2-layer BertForSequenceClassification (no dropout: the same computation under every strategy), plain SGD;
-    the step returns ``{"loss", "logits"}``."""
+def _bert() -> Any:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
 
-    def __init__(self) -> None:
+
+def _gpt2() -> Any:
+    return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=2, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _llama() -> Any:
+    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, num_labels=2, pad_token_id=0))
+
+
+#: architecture -> (build, the layer class FSDP wraps as a unit of its own)
+ARCHS = {
+    "bert": (_bert, "transformers.models.bert.modeling_bert.BertLayer"),
+    "gpt2": (_gpt2, "transformers.models.gpt2.modeling_gpt2.GPT2Block"),
+    "llama": (_llama, "transformers.models.llama.modeling_llama.LlamaDecoderLayer"),
+}
+
+
+def _layer_class(dotted: str) -> type:
+    module, name = dotted.rsplit(".", 1)
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+class TinyTransformer(L.LightningModule):
+    """A 2-layer ``*ForSequenceClassification`` (no dropout: the same computation under every strategy), plain SGD
+    on the trainable parameters; ``frozen`` freezes the input embedding; the step returns ``{"loss", "logits"}``."""
+
+    def __init__(self, arch: str = "bert", frozen: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0))
+        self.model = ARCHS[arch][0]()
+        self.model.get_input_embeddings().weight.requires_grad_(not frozen)
 
     def training_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         out = self.model(**batch)
         return {"loss": out.loss, "logits": out.logits}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
 
-def bert_callbacks(method: str) -> List[Any]:
+def hf_callbacks(method: str) -> List[Any]:
     if method == "freelb":
         return [FreeLBCallback(adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, adv_max_norm=0.2)]
     if method == "r3f":
@@ -82,31 +113,41 @@ def bert_callbacks(method: str) -> List[Any]:
     return []
 
 
-def bert_fsdp(device: str, **kwargs: Any) -> Any:
-    wrap = ModuleWrapPolicy({transformers.models.bert.modeling_bert.BertLayer})  # one FSDP unit per layer, and the root
+def layer_fsdp(device: str, arch: str = "bert", **kwargs: Any) -> Any:
+    wrap = ModuleWrapPolicy({_layer_class(ARCHS[arch][1])})  # one FSDP unit per layer, and the root
     return FSDPStrategy(auto_wrap_policy=wrap, **kwargs) if device == "cuda" else cpu_fsdp_strategy(auto_wrap_policy=wrap, **kwargs)
 
 
-def bert_fit(method: str, accumulate: int, device: str, fsdp: bool) -> Dict[str, Any]:
-    module, cbs = TinyBert(), bert_callbacks(method)
-    trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=bert_fsdp(device) if fsdp else "auto",
+def hf_fit(arch: str, method: str, accumulate: int, frozen: bool, device: str, fsdp: bool) -> Dict[str, Any]:
+    module, cbs = TinyTransformer(arch, frozen), hf_callbacks(method)
+    embedding = module.model.get_input_embeddings().weight.detach().clone()
+    trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=layer_fsdp(device, arch) if fsdp else "auto",
             max_epochs=1, accumulate_grad_batches=accumulate, callbacks=cbs,
             use_distributed_sampler=False).fit(module, hf_batches("cls", 0, n=16))
-    return dict(weights=weights(module), attacks=[cb.attacks for cb in cbs if hasattr(cb, "attacks")])
+    moved = float((module.model.get_input_embeddings().weight.detach().cpu() - embedding.cpu()).abs().max())
+    return dict(weights=weights(module), attacks=[cb.attacks for cb in cbs if hasattr(cb, "attacks")], embedding_moved=moved)
 
 
-BERT_CONFIGS = ["bert_none_k2:none:2", "bert_freelb_k2:freelb:2", "bert_r3f_k2:r3f:2", "bert_smart_k2:smart:2"]
+#: name:architecture:method:accumulate:frozen embedding
+HF_CONFIGS = [
+    "bert_none_k2:bert:none:2:0", "bert_freelb_k2:bert:freelb:2:0", "bert_r3f_k2:bert:r3f:2:0", "bert_smart_k2:bert:smart:2:0",
+    "gpt2_freelb_frozen:gpt2:freelb:2:1", "llama_r3f_frozen:llama:r3f:2:1", "llama_smart:llama:smart:2:0",
+]
+
+
+BF16_CONFIGS = ["none_k2:none:1:2:bf16-mixed:0:0", "freelb2_k2:freelb:2:2:bf16-mixed:0:0", "r3f_k2:r3f:1:2:bf16-mixed:0:0",
+                "smart2_k2:smart:2:2:bf16-mixed:0:0"]
 
 
 def weights(module: Any) -> List[float]:
     return torch.cat([p.detach().float().cpu().reshape(-1) for p in module.model.parameters()]).tolist()
 
 
-def fit(cfg: Dict[str, Any], device: str, fsdp: bool) -> Dict[str, Any]:
+def fit(cfg: Dict[str, Any], device: str, fsdp: bool, precision: str = "32-true") -> Dict[str, Any]:
     strategy = (FSDPStrategy() if device == "cuda" else cpu_fsdp_strategy()) if fsdp else "auto"
     module = module_for(cfg, torch.float32, accumulate=cfg["accumulate"])
     cbs = callbacks_for(cfg)
-    trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=strategy, max_epochs=2,
+    trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=strategy, max_epochs=2, precision=precision,
             accumulate_grad_batches=1 if cfg["manual"] else cfg["accumulate"], callbacks=cbs,
             use_distributed_sampler=False).fit(module, loader(make_data(16), batch_size=2))
     return dict(weights=weights(module), attacks=[cb.attacks for cb in cbs if hasattr(cb, "attacks")])
@@ -124,7 +165,7 @@ def robust_refused(device: str) -> str:
         return str(err)
 
 
-class RobustBert(TinyBert):
+class RobustBert(TinyTransformer):
     def robust_forward(self, batch: Any) -> Any:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
 
@@ -143,7 +184,7 @@ def robust_lifted(device: str) -> Dict[str, int]:
     for name, cbs in (("plain", []), ("robust", [RobustAccuracy(embedding="model.bert.embeddings.word_embeddings")])):
         module = RobustBert()
         with mock.patch.object(robust_module.compat, "is_fsdp", lambda trainer: False):
-            trainer(accelerator=device, devices=1, strategy=bert_fsdp(device), max_epochs=1, callbacks=cbs,
+            trainer(accelerator=device, devices=1, strategy=layer_fsdp(device), max_epochs=1, callbacks=cbs,
                     use_distributed_sampler=False).fit(module, hf_batches("cls", 0, n=8), hf_batches("cls", 0, n=4, seed=3))
         counts[name] = sum(p.numel() for p in module.model.parameters())
     return counts
@@ -154,9 +195,13 @@ def main(path: str, device: str) -> None:
     for config in CONFIGS:
         cfg = parse(config)
         report[cfg["name"]] = dict(single=fit(cfg, device, False), fsdp=fit(cfg, device, True))
-    for config in BERT_CONFIGS:
-        name, method, accumulate = config.split(":")
-        report[name] = dict(single=bert_fit(method, int(accumulate), device, False), fsdp=bert_fit(method, int(accumulate), device, True))
+    for config in BF16_CONFIGS:  # FSDP computes in bf16 parameters, autocast in float32 ones: compared, not equal
+        report["bf16_" + parse(config)["name"]] = {strategy: fit(parse(config), device, strategy == "fsdp", "bf16-mixed")
+                                                    for strategy in ("single", "fsdp")}
+    for config in HF_CONFIGS:
+        name, arch, method, accumulate, frozen = config.split(":")
+        report[name] = {strategy: hf_fit(arch, method, int(accumulate), frozen == "1", device, strategy == "fsdp")
+                        for strategy in ("single", "fsdp")}
     refused: Dict[str, str] = {"RobustAccuracy": robust_refused(device)}
     for make in (FGMCallback, AWPCallback, PGDCallback):
         try:

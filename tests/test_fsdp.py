@@ -2,7 +2,7 @@
 
 On one device FSDP runs NO_SHARD (flat parameters, ``.grad`` views, its backward hooks): FreeLB, R3F and SMART, with
 and without gradient accumulation, end with the weights of the same fit under the default strategy, on a tiny text
-model and on a BertForSequenceClassification wrapped by FSDP layer by layer. With two
+model and on BERT, GPT-2 and Llama classifiers wrapped by FSDP layer by layer (frozen input embeddings included). With two
 processes (FULL_SHARD and NO_SHARD) FreeLB and R3F (with gradient accumulation) and SMART (without) equal one
 process over the same micro-batches. FGM, AWP, PGD and RobustAccuracy are refused with their reason; SMART with
 several processes and accumulation is refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
@@ -20,7 +20,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from fsdp_script import BERT_CONFIGS, CONFIGS
+from fsdp_script import CONFIGS, HF_CONFIGS
 from test_ddp import WORLD, _launch, single_process_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,12 +47,24 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
         if name.endswith("_k2") and name != "none_k2":  # the attack changes training (same schedule as none_k2)
             assert float((fsdp - plain).abs().max()) > 1e-3, name
     bert_plain = torch.tensor(report["bert_none_k2"]["single"]["weights"])
-    for name in [c.split(":")[0] for c in BERT_CONFIGS]:  # BERT wrapped layer by layer: several FSDP units
+    for config in HF_CONFIGS:  # real architectures wrapped layer by layer: several FSDP units
+        name, arch, method, _, frozen = config.split(":")
         single, fsdp = (torch.tensor(report[name][k]["weights"]) for k in ("single", "fsdp"))
         assert float((single - fsdp).abs().max()) < tol, name
-        if name != "bert_none_k2":
+        if method != "none":
             assert report[name]["fsdp"]["attacks"] == report[name]["single"]["attacks"] == [4], name
+        if method != "none" and arch == "bert":  # the attack changes training (the same schedule as bert_none_k2)
             assert float((fsdp - bert_plain).abs().max()) > 1e-4, name
+        if frozen == "1":  # a frozen embedding stays as it was, under FSDP too
+            assert report[name]["fsdp"]["embedding_moved"] == report[name]["single"]["embedding_moved"] == 0.0, name
+        else:
+            assert report[name]["fsdp"]["embedding_moved"] > 0, name
+    for name in ("none_k2", "freelb2_k2", "r3f_k2", "smart2_k2"):  # bf16-mixed: FSDP's bf16 parameters vs autocast
+        single, fsdp = (torch.tensor(report["bf16_" + name][k]["weights"]) for k in ("single", "fsdp"))
+        assert bool(torch.isfinite(fsdp).all()), name
+        assert float((single - fsdp).abs().max()) < 1e-2, name  # as plain training differs (README: 3e-3)
+        if name != "none_k2":
+            assert report["bf16_" + name]["fsdp"]["attacks"] == [16], name
     refused = report["refused"]
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
