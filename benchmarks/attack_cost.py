@@ -587,12 +587,12 @@ class Breakdown:
     def instrument(self, callback: Any, trainer: Any) -> None:
         """Wrap the callback's hooks, its method and the trainer's coordinator (after the callback's ``on_fit_start``,
         which builds the method and the coordinator's ``StateGuard``)."""
-        from lightning_adv.callbacks.coordinator import coordinator_of
+        from lightning_adv.callbacks.coordinator import Coordinator
 
+        coordinator = Coordinator.of(trainer)  # the one driver of the micro-batch, registered at setup
         for hook in ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_train_batch_end"):
-            self.wrap(callback, hook, "hooks")
+            self.wrap(coordinator, hook, "hooks")
         self.wrap(callback, "record", "record")
-        coordinator = coordinator_of(trainer)
         self.wrap(coordinator, "batch_start", "batch_start")
         self.wrap(coordinator, "after_backward", "engine")
         guard = coordinator.guard

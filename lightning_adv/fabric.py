@@ -33,7 +33,8 @@ gradients (FSDP, DeepSpeed, XLA, model parallel) are refused, as is ``DDPStrateg
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -114,6 +115,7 @@ def adversarial_backward(
     step = AttackStep(
         [p for p in model.parameters() if p.requires_grad], methods, loss_fn, backward, sync=sync,
         sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True, grad_scale=1.0 / sync.world_size,
+        grad_context=_differentiating,
     )
     try:
         step.before_forward()
@@ -126,6 +128,21 @@ def adversarial_backward(
     finally:
         step.close()
     return loss.detach(), outcomes
+
+
+@contextlib.contextmanager
+def _differentiating() -> Iterator[None]:
+    """Let SMART's ascent differentiate through the Fabric module's outputs with ``torch.autograd.grad``: under mixed
+    precision Fabric's module registers a hook on them that refuses any backward ``fabric.backward`` did not start
+    (it is a gradient with respect to the perturbation only: no parameter gradient, no loss scaling)."""
+    from lightning.fabric import wrappers
+
+    before = getattr(wrappers, "_in_fabric_backward", False)
+    wrappers._in_fabric_backward = True
+    try:
+        yield
+    finally:
+        wrappers._in_fabric_backward = before
 
 
 def _ddp_module(model: nn.Module) -> Optional[DistributedDataParallel]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import zlib
 from typing import Any, Dict, Optional
 
 import torch
@@ -12,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from lightning_adv.callbacks import compat
-from lightning_adv.callbacks.coordinator import adversarial_callbacks, coordinator_of
+from lightning_adv.callbacks.coordinator import Coordinator
 from lightning_adv.core.checks import NonNegativeInt, check_int
 from lightning_adv.core.method import Method
 from lightning_adv.core.step import Outcome
@@ -48,12 +51,18 @@ class AdversarialCallback(Callback):
     #: ascent copies ``.grad`` aside, and between micro-batches sharded FSDP holds ``.grad`` unsharded and unreduced)
     supports_fsdp_accumulation: bool = False
 
-    def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
-        check_int(type(self).__name__, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
-        check_int(type(self).__name__, "start_step", start_step, 0, "the first optimizer step, counted from 0, that is attacked")
-        self.start_epoch = start_epoch
-        self.start_step = start_step
+    def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0, seed: Optional[int] = None) -> None:
+        owner = type(self).__name__
+        check_int(owner, "start_epoch", start_epoch, 0, "the first epoch, counted from 0, that is attacked")
+        check_int(owner, "start_step", start_step, 0, "the first optimizer step, counted from 0, that is attacked")
+        if seed is not None:
+            check_int(owner, "seed", seed, 0, "the seed of the callback's own random generator; None: from seed_everything")
+        self.start_epoch = int(start_epoch)
+        self.start_step = int(start_step)
+        self.seed = None if seed is None else int(seed)
+        self.log_name = ""  # the name in the log keys, set at fit start (suffixed by the target when a name is shared)
         self.method: Optional[Method] = None
+        self._rng_state: Optional[torch.Tensor] = None  # a checkpoint's generator state, until the generator exists
         self._counts: Optional[torch.Tensor] = None  # [attacks, skipped] of this run, on the device
         self._restored = [0, 0]
         self._epoch_loss: Optional[torch.Tensor] = None  # [sum, count] of this epoch's adversarial losses
@@ -83,11 +92,36 @@ class AdversarialCallback(Callback):
         return self._restored[1] + (int(self._counts[1]) if self._counts is not None else 0)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"attacks": self.attacks, "skipped": self.skipped}
+        state: Dict[str, Any] = {"attacks": self.attacks, "skipped": self.skipped}
+        generator = getattr(self.method, "generator", None)
+        if isinstance(generator, torch.Generator):
+            state["rng"] = generator.get_state()
+        elif self._rng_state is not None:
+            state["rng"] = self._rng_state
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._restored = [int(state_dict.get("attacks", 0)), int(state_dict.get("skipped", 0))]
         self._counts = None
+        self._rng_state = state_dict.get("rng")
+
+    def _seed_generator(self, pl_module: LightningModule) -> None:
+        """Give a method that draws noise (FreeLB's ``delta0``, R3F, SMART) the callback's own generator: seeded by
+        ``seed``, else by ``seed_everything``'s seed (``PL_GLOBAL_SEED``) or torch's initial seed, mixed with the
+        callback's target so that two callbacks draw differently; restored from a checkpoint when resuming, so
+        that a resumed run draws what the uninterrupted one would."""
+        if self.method is None or not hasattr(self.method, "generator"):
+            return
+        generator = torch.Generator(device=pl_module.device)
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        else:
+            base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            generator.manual_seed((base + zlib.crc32(self.state_key.encode())) % 2**63)
+        if self._rng_state is not None:
+            generator.set_state(self._rng_state.cpu())
+            self._rng_state = None
+        self.method.generator = generator
 
     def wants_attack(self, trainer: Trainer) -> bool:
         """Whether this callback attacks the current micro-batch."""
@@ -154,41 +188,21 @@ class AdversarialCallback(Callback):
                 "no batch to re-run the step on. Take `batch, batch_idx` instead, or use manual optimization with "
                 "lightning_adv.AdversarialMixin.adversarial_backward(loss_fn)."
             )
-        keys = [cb.state_key for cb in adversarial_callbacks(trainer)]
+        coordinator = Coordinator.register(trainer, self)
+        keys = [cb.state_key for cb in coordinator.callbacks]
         if keys.count(self.state_key) > 1:
             raise ValueError(f"{owner}: two callbacks attack the same target ({self.state_key}); keep one of them.")
+        self._counts, self._restored, self._epoch_loss = None, [0, 0], None  # a new fit counts from 0 (or the checkpoint)
+        self.log_name = ""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         try:
             self.method = self.build_method(pl_module)
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
+        self._seed_generator(pl_module)
         when = f"from epoch {self.start_epoch}" + (f" and step {self.start_step}" if self.start_step else "")
         rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, {when}.")
-        if self._leads(trainer):
-            coordinator_of(trainer).start_fit(pl_module)
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._leads(trainer):
-            coordinator_of(trainer).batch_start(trainer, pl_module, batch, batch_idx)
-
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if self._leads(trainer):
-            coordinator_of(trainer).before_backward(pl_module, loss)
-
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._leads(trainer):
-            coordinator_of(trainer).after_backward(pl_module)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._leads(trainer):
-            coordinator = coordinator_of(trainer)
-            coordinator.close()
-            coordinator.warn_unused_mixin(trainer, pl_module)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self._leads(trainer):
-            coordinator_of(trainer).close()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._counts is None or self._epoch_loss is None:
@@ -200,9 +214,12 @@ class AdversarialCallback(Callback):
         logged[f"adv/{name}_loss_epoch"] = epoch[0] / epoch[1].clamp_min(1)  # 0 when every attack was skipped
         pl_module.log_dict(logged, on_step=False, on_epoch=True, batch_size=1)
 
-    def _name(self) -> str:
-        return self.method.name if self.method is not None else "adv"
+    def target_label(self) -> str:
+        """The target in a log key (``word_embeddings``), for two callbacks of one method on different targets."""
+        values = [re.sub(r"[^0-9A-Za-z]+", "_", str(v)).strip("_") for v in self.target_key().values()]
+        return "_".join(v if v and v != "None" else "auto" for v in values) or "auto"
 
-    def _leads(self, trainer: Trainer) -> bool:
-        group = adversarial_callbacks(trainer)
-        return bool(group) and group[0] is self
+    def _name(self) -> str:
+        if self.log_name:
+            return self.log_name
+        return self.method.name if self.method is not None else "adv"

@@ -1,50 +1,38 @@
-"""The Lightning driver of the engine: one per Trainer, shared by every adversarial callback and the mixin."""
+"""The Lightning driver of the engine: one per Trainer, registered by the adversarial callbacks at ``setup``."""
 
 from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.isolation import (
     SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging,
 )
-from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, join_clean_loss, pass_output
-
-_COORDINATORS: "weakref.WeakKeyDictionary[Any, Coordinator]" = weakref.WeakKeyDictionary()
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, check_composition, join_clean_loss, pass_output
 
 
-def coordinator_of(trainer: Any) -> "Coordinator":
-    """The coordinator of ``trainer`` (created on first use)."""
-    if trainer not in _COORDINATORS:
-        _COORDINATORS[trainer] = Coordinator()
-    return _COORDINATORS[trainer]
-
-
-def adversarial_callbacks(trainer: Any) -> List[Any]:
-    """The adversarial callbacks attached to ``trainer``, in their order."""
-    from lightning_adv.callbacks.base import AdversarialCallback
-
-    return [cb for cb in trainer.callbacks if isinstance(cb, AdversarialCallback)]
-
-
-class Coordinator:
+class Coordinator(Callback):
     """Runs the attacks of a Trainer's adversarial callbacks, in their order, once per training micro-batch.
 
-    Automatic optimization: the step is built at ``on_train_batch_start`` (the batch's containers copied before
-    ``training_step`` can mutate them), earlier gradients move aside at ``on_before_backward``, the methods run at
-    ``on_after_backward`` and the step is closed at ``on_train_batch_end`` (or on an exception). Every hook is
-    called by each adversarial callback; the coordinator acts once per micro-batch. Manual optimization: the mixin
-    calls :meth:`manual_backward`.
+    The one owner of the micro-batch: the adversarial callbacks are configuration and counters; each registers
+    itself at ``setup`` (:meth:`register`), which appends the Trainer's one coordinator to ``trainer.callbacks``
+    (after the callbacks, so that its ``on_fit_start`` sees their methods built); it removes itself at
+    ``teardown``. Automatic optimization: the step is built at ``on_train_batch_start`` (the batch's containers
+    copied before ``training_step`` can mutate them), earlier gradients move aside at ``on_before_backward``, the
+    methods run at ``on_after_backward`` and the step is closed at ``on_train_batch_end``, or at the first hook
+    that follows any other end of the micro-batch: an exception, a module's ``on_train_batch_start`` returning -1
+    (``on_train_epoch_end``), the end of training. Manual optimization: the mixin calls :meth:`manual_backward`.
     """
 
     def __init__(self) -> None:
+        self.callbacks: List[Any] = []
         self.step: Optional[AttackStep] = None
         self.plan: List[Any] = []
         self.guard: Optional[StateGuard] = None
@@ -57,14 +45,76 @@ class Coordinator:
         self._scaled: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss  # a loss as the clean one is scaled
         self._warned: set = set()
 
-    def start_fit(self, pl_module: Any) -> None:
+    # -- registration ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def of(trainer: Any) -> Optional["Coordinator"]:
+        """The coordinator registered on ``trainer``, or None."""
+        return next((cb for cb in trainer.callbacks if isinstance(cb, Coordinator)), None)
+
+    @classmethod
+    def register(cls, trainer: Any, callback: Any) -> "Coordinator":
+        """Add ``callback`` to the attacks of ``trainer``'s coordinator (created and appended on first use)."""
+        coordinator = cls.of(trainer)
+        if coordinator is None:
+            coordinator = cls()
+            trainer.callbacks.append(coordinator)
+        if callback not in coordinator.callbacks:
+            coordinator.callbacks.append(callback)
+        return coordinator
+
+    # -- hooks ------------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """After the callbacks built their methods: refuse a composition that is not defined, name the log keys."""
+        methods = [cb.method for cb in self.callbacks if cb.method is not None]
+        try:
+            check_composition(methods)
+        except ValueError as err:
+            names = ", ".join(type(cb).__name__ for cb in self.callbacks)
+            raise ValueError(f"{names}: {err}") from None
+        by_name: dict = {}
+        for cb in self.callbacks:
+            by_name.setdefault(cb.method.name if cb.method is not None else "adv", []).append(cb)
+        for name, group in by_name.items():  # two callbacks of one method log under keys suffixed by their target
+            labels = [cb.target_label() for cb in group]
+            for i, cb in enumerate(group):
+                label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]}_{i}"
+                cb.log_name = name if len(group) == 1 else f"{name}_{label}"
         self.guard = StateGuard(pl_module)
         self._warned = set()
         self.manual_calls = 0
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self.before_backward(pl_module, loss)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self.after_backward(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.close()
+        self.warn_unused_mixin(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.close()  # a module's on_train_batch_start returned -1: no on_train_batch_end for that micro-batch
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.close()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.close()
+        if stage == "fit":  # leave trainer.callbacks as the user built it
+            self.callbacks = []
+            if self in trainer.callbacks:
+                trainer.callbacks.remove(self)
+
     def planned(self, trainer: Any) -> List[Any]:
         """The callbacks that attack this micro-batch."""
-        return [cb for cb in adversarial_callbacks(trainer) if cb.wants_attack(trainer)]
+        return [cb for cb in self.callbacks if cb.wants_attack(trainer)]
 
     # -- automatic optimization --------------------------------------------------------------------------------
     def batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -209,7 +259,7 @@ class Coordinator:
         if pl_module.automatic_optimization or self.manual_calls or "manual" in self._warned or not self.planned(trainer):
             return
         self._warned.add("manual")
-        names = ", ".join(type(cb).__name__ for cb in adversarial_callbacks(trainer))
+        names = ", ".join(type(cb).__name__ for cb in self.callbacks)
         warnings.warn(
             f"{names} attached, but {type(pl_module).__name__} uses manual optimization and its training_step "
             "did not call self.adversarial_backward(loss_fn): no attack ran. Mix lightning_adv.AdversarialMixin "
@@ -226,4 +276,14 @@ def _required(output: Any) -> torch.Tensor:
     return out.loss
 
 
-__all__ = ["Coordinator", "Outcome", "adversarial_callbacks", "coordinator_of"]
+def manual_backward(pl_module: Any, loss_fn: Callable[[], Any]) -> torch.Tensor:
+    """The mixin's backward: through the Trainer's coordinator, or ``manual_backward(loss_fn())`` without one."""
+    coordinator = Coordinator.of(pl_module.trainer)
+    if coordinator is None:
+        loss = _required(loss_fn())
+        pl_module.manual_backward(loss)
+        return loss
+    return coordinator.manual_backward(pl_module, loss_fn)
+
+
+__all__ = ["Coordinator", "Outcome", "manual_backward"]

@@ -24,6 +24,7 @@ class FGMCallback(AdversarialCallback):
         emb_name: substring of the names of the embedding parameters to perturb
             ("word_embeddings" for BERT-family models from transformers).
         start_epoch: first epoch (counted from 0) that is attacked.
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
 
     Example::
 
@@ -38,9 +39,11 @@ class FGMCallback(AdversarialCallback):
         3
     """
 
-    def __init__(self, epsilon: NonNegativeFloat = 1.0, emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0) -> None:
+    def __init__(self, epsilon: NonNegativeFloat = 1.0, emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0,
+        start_step: NonNegativeInt = 0,
+    ) -> None:
         FGM.check_arguments(type(self).__name__, epsilon, emb_name)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step)
         self.epsilon = epsilon
         self.emb_name = emb_name
 

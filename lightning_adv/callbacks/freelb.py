@@ -29,6 +29,9 @@ class FreeLBCallback(AdversarialCallback):
         start_epoch: first epoch (counted from 0) that is attacked.
         embedding: dotted path of the input-embedding module in the LightningModule; by default the
             get_input_embeddings() of its first transformers model.
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
+        seed: seed of the callback's own random generator (its noise), saved in checkpoints so that a resumed
+            run draws what an uninterrupted one would; None: from seed_everything (or torch's initial seed).
 
     Example::
 
@@ -62,9 +65,11 @@ class FreeLBCallback(AdversarialCallback):
         norm_type: Literal["l2", "linf"] = "l2",
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
+        start_step: NonNegativeInt = 0,
+        seed: Optional[NonNegativeInt] = None,
     ) -> None:
         FreeLB.check_arguments(type(self).__name__, adv_lr, adv_steps, adv_init_mag, adv_max_norm, norm_type, embedding)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step, seed=seed)
         self.adv_lr, self.adv_steps, self.adv_init_mag = adv_lr, adv_steps, adv_init_mag
         self.adv_max_norm, self.norm_type, self.embedding = adv_max_norm, norm_type, embedding
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from lightning_adv.callbacks.coordinator import coordinator_of
+from lightning_adv.callbacks.coordinator import manual_backward
 
 LossOutput = Union[torch.Tensor, Mapping[str, Any]]
 
@@ -61,4 +61,4 @@ class AdversarialMixin:
                 and once per adversarial pass; ``self.log`` calls and torchmetrics updates inside it count only once.
         """
         module: Any = self
-        return coordinator_of(module.trainer).manual_backward(module, loss_fn)
+        return manual_backward(module, loss_fn)

@@ -25,6 +25,7 @@ class PGDCallback(AdversarialCallback):
         steps: number of adversarial passes (>= 1).
         emb_name: substring of the names of the embedding parameters to perturb.
         start_epoch: first epoch (counted from 0) that is attacked.
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
 
     Example::
 
@@ -41,10 +42,11 @@ class PGDCallback(AdversarialCallback):
 
     def __init__(
         self, epsilon: NonNegativeFloat = 1.0, alpha: NonNegativeFloat = 0.3, steps: PositiveInt = 3,
-        emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0
+        emb_name: ParameterPattern = "word_embeddings", start_epoch: NonNegativeInt = 0,
+        start_step: NonNegativeInt = 0,
     ) -> None:
         PGD.check_arguments(type(self).__name__, epsilon, alpha, steps, emb_name)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step)
         self.epsilon, self.alpha, self.steps, self.emb_name = epsilon, alpha, steps, emb_name
 
     def target_key(self) -> Dict[str, Any]:

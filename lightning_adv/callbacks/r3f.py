@@ -27,6 +27,9 @@ class R3FCallback(AdversarialCallback):
         noise_type: "uniform" or "normal".
         start_epoch: first epoch (counted from 0) that is regularised.
         embedding: dotted path of the input-embedding module; by default that of the first transformers model.
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
+        seed: seed of the callback's own random generator (its noise), saved in checkpoints so that a resumed
+            run draws what an uninterrupted one would; None: from seed_everything (or torch's initial seed).
 
     Example::
 
@@ -59,9 +62,11 @@ class R3FCallback(AdversarialCallback):
         noise_type: Literal["uniform", "normal"] = "uniform",
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
+        start_step: NonNegativeInt = 0,
+        seed: Optional[NonNegativeInt] = None,
     ) -> None:
         R3F.check_arguments(type(self).__name__, eps, r3f_lambda, noise_type, embedding)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step, seed=seed)
         self.eps, self.r3f_lambda, self.noise_type, self.embedding = eps, r3f_lambda, noise_type, embedding
 
     def target_key(self) -> Dict[str, Any]:

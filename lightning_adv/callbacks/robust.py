@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_adv.callbacks import compat
-from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int
+from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int, check_module_path
 from lightning_adv.core.robust import EmbeddingAttack, check_attack_args, epsilon_key
 
 PROTOCOL = "robust_forward"
@@ -102,8 +102,7 @@ class RobustAccuracy(Callback):
         owner = type(self).__name__
         self.epsilons = check_attack_args(owner, epsilon, norm_type, steps, step_size, random_start, seed)
         check_int(owner, "num_classes", num_classes, 2, "the number of classes of the logits")
-        if embedding is not None and not isinstance(embedding, str):
-            raise ValueError(f"{owner}(embedding={embedding!r}): embedding must be None or the dotted path of a submodule.")
+        check_module_path(owner, "embedding", embedding)
         self.epsilon = list(self.epsilons) if isinstance(epsilon, (list, tuple)) else float(epsilon)
         self.norm_type, self.steps, self.step_size, self.random_start = norm_type, steps, step_size, random_start
         self.num_classes, self.embedding, self.seed = num_classes, embedding, seed
@@ -168,6 +167,13 @@ class RobustAccuracy(Callback):
                 out = protocol(batch)
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
                 raise TypeError(f"{type(pl_module).__name__}.{PROTOCOL}(batch) must return (logits, labels), got {type(out).__name__}.")
+            if out[0].dim() < 2 or out[0].shape[-1] == 1:
+                raise ValueError(
+                    f"{type(self).__name__}: {PROTOCOL} returned logits of shape {tuple(out[0].shape)}, one score per "
+                    "example; RobustAccuracy measures classification accuracy and needs one logit per class (>= 2). For a "
+                    "binary head with a sigmoid, return torch.cat([torch.zeros_like(z), z], dim=-1) (its softmax is "
+                    "sigmoid(z)) and labels in {0, 1}; regression heads are not supported."
+                )
             if out[0].shape[-1] != self.num_classes:
                 raise ValueError(
                     f"{type(self).__name__}(num_classes={self.num_classes}): {PROTOCOL} returned logits of shape "

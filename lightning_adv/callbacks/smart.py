@@ -28,6 +28,9 @@ class SMARTCallback(AdversarialCallback):
         norm: per-token normalisation, "inf", "l2" or "l1".
         start_epoch: first epoch (counted from 0) that is regularised.
         embedding: dotted path of the input-embedding module; by default that of the first transformers model.
+        start_step: first optimizer step (counted from 0, over the run) that is attacked.
+        seed: seed of the callback's own random generator (its noise), saved in checkpoints so that a resumed
+            run draws what an uninterrupted one would; None: from seed_everything (or torch's initial seed).
 
     Example::
 
@@ -62,9 +65,11 @@ class SMARTCallback(AdversarialCallback):
         norm: Literal["inf", "l2", "l1"] = "inf",
         start_epoch: NonNegativeInt = 0,
         embedding: Optional[str] = None,
+        start_step: NonNegativeInt = 0,
+        seed: Optional[NonNegativeInt] = None,
     ) -> None:
         SMART.check_arguments(type(self).__name__, adv_alpha, step_size, noise_var, epsilon, steps, norm, embedding)
-        super().__init__(start_epoch=start_epoch)
+        super().__init__(start_epoch=start_epoch, start_step=start_step, seed=seed)
         self.adv_alpha, self.step_size, self.noise_var, self.epsilon = adv_alpha, step_size, noise_var, epsilon
         self.steps, self.norm, self.embedding = steps, norm, embedding
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 
@@ -15,13 +16,14 @@ def check_non_negative(owner: str, **values: Any) -> None:
     ValueError: FGM(epsilon=-1.0): epsilon must be a finite number >= 0.
     """
     for name, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{owner}({name}={value!r}): {name} must be a finite number >= 0.")
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int, meaning: str = "") -> None:
-    """Raise ``ValueError`` naming the argument when ``value`` is not an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Raise ``ValueError`` naming the argument when ``value`` is not an integer >= ``minimum`` (a Python or numpy
+    integer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         extra = f" ({meaning})" if meaning else ""
         raise ValueError(f"{owner}({name}={value!r}): {name} must be an integer >= {minimum}{extra}.")
 
@@ -72,7 +74,7 @@ class PositiveInt(int):
     minimum = 1
 
     def __new__(cls, value: Any) -> "PositiveInt":
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        if isinstance(value, bool) or (isinstance(value, numbers.Real) and not float(value).is_integer()):
             raise ValueError(f"{value!r} is not an integer >= {cls.minimum}")
         number = int(value)
         if number < cls.minimum:

@@ -81,9 +81,12 @@ class EmbeddingOutput:
     """Adds a per-example perturbation ``delta[B, T, H]`` to the output of the input-embedding module.
 
     While :meth:`attached`, the first call of the module after :meth:`arm` returns ``output + delta``, with
-    ``delta = make(output, mask)`` (``mask``: the positions that are not padding); later calls in the same
-    forward (a T5 decoder reusing the shared embedding) are left alone. The last delta and mask stay in
-    :attr:`delta` and :attr:`mask`, so that its gradient can be read after the backward.
+    ``delta = make(output, mask)`` (``mask``: the positions that are not padding, from the token ids the module
+    was called with, positionally or as ``input``/``input_ids``); later calls in the same forward (a T5 decoder
+    reusing the shared embedding) are left alone. The last delta and mask stay in :attr:`delta` and
+    :attr:`mask`, so that its gradient can be read after the backward. ``attach(first=True)`` runs this hook
+    before any other forward hook of the module (FreeLB's ``delta0``, which the other methods' perturbations
+    are added to).
 
     Example::
 
@@ -108,9 +111,25 @@ class EmbeddingOutput:
         self._detach = False
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
 
-    def attach(self) -> None:
+    def attach(self, first: bool = False) -> None:
         if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
+            self._handle = self.module.register_forward_hook(self._hook, prepend=first, with_kwargs=True)
+
+    @property
+    def armed(self) -> bool:
+        """Whether the next call of the module will be perturbed."""
+        return self._make is not None
+
+    def require_called(self) -> torch.Tensor:
+        """The delta of the last armed call; raises ``RuntimeError`` naming the fix when the module was not called
+        (the model embeds elsewhere, e.g. from ``inputs_embeds``)."""
+        if self.delta is None:
+            raise RuntimeError(
+                f"{self.owner}: the embedding module {self.path!r} was not called by the step's forward; the "
+                "perturbation needs the model to embed its input ids with it. Pass embedding= naming the module that "
+                "embeds the tokens (and call the model with input ids, not inputs_embeds)."
+            )
+        return self.delta
 
     def detach(self) -> None:
         self._make = None
@@ -125,7 +144,7 @@ class EmbeddingOutput:
         self._detach = detach
         self.delta = self.mask = None
 
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Optional[torch.Tensor]:
         make, self._make = self._make, None
         if make is None:
             return None
@@ -135,7 +154,7 @@ class EmbeddingOutput:
                 f"{self.owner}: the embedding module {self.path or type(module).__name__!r} returned {shape}; a "
                 "per-example perturbation needs [batch, tokens, hidden]. Pass embedding= naming the token-embedding module."
             )
-        ids = args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() else None
+        ids = _token_ids(args, kwargs)
         if ids is not None and self.pad_id is not None and ids.shape == output.shape[:2]:
             mask = ids != self.pad_id
         else:
@@ -144,6 +163,15 @@ class EmbeddingOutput:
         self.delta, self.mask = delta, mask
         self.calls += 1
         return (output.detach() if self._detach else output) + delta.to(output.dtype)
+
+
+def _token_ids(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The integer token ids an embedding module was called with: the first positional argument, or the keyword
+    ``input`` (``nn.Embedding``) or ``input_ids`` (a transformers embeddings module)."""
+    for ids in (args[0] if args else None, kwargs.get("input"), kwargs.get("input_ids")):
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex():
+            return ids
+    return None
 
 
 def lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ gradients of every pass accumulated, in the form of ``freelb_train_step`` of zhu
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import FrozenSet, Literal, Optional
 
 import torch
 from torch import nn
@@ -19,10 +19,16 @@ class FreeLB(Method):
 
     The first pass is the clean one, run at ``delta0`` (0 when ``adv_init_mag`` is 0; else, per example, uniform
     noise on the real tokens scaled to ``adv_init_mag / sqrt(length * hidden)`` for ``l2``, or uniform in
-    ``±adv_init_mag`` for ``linf``). Before each of the ``adv_steps`` further passes, ``delta`` moves by
+    ``±adv_init_mag`` for ``linf``, drawn from ``generator``). Before each of the ``adv_steps`` further passes, ``delta`` moves by
     ``adv_lr * g / ||g_i||`` (``g``: its gradient in the previous pass, normalised per example by its L2 or
     L-inf norm) and is projected back to ``adv_max_norm`` when that is > 0 (rescaled per example for ``l2``,
     clamped element-wise for ``linf``). The embeddings are recomputed in every pass.
+
+    Composed with other methods, ``x + delta0`` is the micro-batch's clean input for all of them: every pass of
+    another method (R3F's and SMART's perturbed forwards, FGM's, PGD's and AWP's passes) runs at ``delta0``, as a
+    constant offset (no gradient flows into ``delta0`` from them), and their own perturbations are added on top.
+    FreeLB's first ascent step follows the gradient of the clean objective at ``delta0``, R3F's or SMART's
+    regulariser included (through the clean logits).
 
     Args:
         model: the model; the perturbed module is found as :func:`~lightning_adv.core.embedding.find_embedding` says.
@@ -32,6 +38,7 @@ class FreeLB(Method):
         adv_max_norm: the bound of the perturbation (>= 0; 0: unbounded).
         norm_type: ``"l2"`` or ``"linf"``.
         embedding: dotted path of the input-embedding module; ``None`` finds it.
+        generator: the random generator of ``delta0`` (default: the global one).
 
     Example::
 
@@ -48,6 +55,7 @@ class FreeLB(Method):
     """
 
     name = "freelb"
+    needs_clean_pass = True
 
     def __init__(
         self,
@@ -58,6 +66,7 @@ class FreeLB(Method):
         adv_max_norm: float = 0.0,
         norm_type: Literal["l2", "linf"] = "l2",
         embedding: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
         self.check_arguments(type(self).__name__, adv_lr, adv_steps, adv_init_mag, adv_max_norm, norm_type, embedding)
@@ -66,6 +75,8 @@ class FreeLB(Method):
         self.adv_lr, self.adv_steps = float(adv_lr), int(adv_steps)
         self.adv_init_mag, self.adv_max_norm, self.norm_type = float(adv_init_mag), float(adv_max_norm), norm_type
         self.clean_weight = 1.0 / (1 + self.adv_steps)
+        self.generator = generator
+        self._delta0: Optional[torch.Tensor] = None
 
     @staticmethod
     def check_arguments(
@@ -83,18 +94,25 @@ class FreeLB(Method):
     def describe(self) -> str:
         return f"the output of {self.target.path or type(self.target.module).__name__}"
 
+    def perturbs(self) -> FrozenSet[int]:
+        return frozenset({id(self.target.module)})
+
     def initial(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``delta0`` for an embedding output ``[B, T, H]`` and its mask of real tokens."""
         if self.adv_init_mag == 0:
             return torch.zeros_like(output).requires_grad_()
         real = mask.unsqueeze(2).to(output.dtype)
         if self.norm_type == "l2":
-            delta = torch.empty_like(output).uniform_(-1, 1) * real
+            delta = torch.empty_like(output).uniform_(-1, 1, generator=self.generator) * real
             magnitude = self.adv_init_mag / torch.sqrt(lengths(mask).to(output.dtype) * output.shape[-1])
             delta = delta * magnitude.view(-1, 1, 1)
         else:
-            delta = torch.empty_like(output).uniform_(-self.adv_init_mag, self.adv_init_mag) * real
+            delta = torch.empty_like(output).uniform_(-self.adv_init_mag, self.adv_init_mag, generator=self.generator) * real
         return delta.detach().requires_grad_()
+
+    def _first(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._delta0 = self.initial(output, mask)
+        return self._delta0
 
     def ascend(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One ascent step of ``delta`` from its gradient, projected; a new leaf."""
@@ -112,16 +130,25 @@ class FreeLB(Method):
         return delta.requires_grad_()
 
     def prepare(self, step: AttackStep) -> None:
-        self.target.attach()
-        self.target.arm(self.initial)
+        self._delta0 = None
+        self.target.attach(first=True)  # the other methods' perturbations are added to delta0
+        self.target.arm(self._first)
+
+    def before_pass(self, step: AttackStep) -> None:
+        """Another method's pass (or none armed): it runs at ``delta0``, a constant offset."""
+        if self._delta0 is not None and not self.target.armed:
+            self.target.arm(lambda output, mask, d=self._delta0.detach(): _same_shape(d, output))
 
     def run(self, step: AttackStep) -> Outcome:
-        delta = self.target.delta
-        if delta is None or delta.grad is None:
-            where = "was not called by the step's forward" if delta is None else "got no gradient from the loss"
+        delta = self._delta0
+        if delta is None:
+            self.target.require_called()
+        assert delta is not None
+        if delta.grad is None:
             raise RuntimeError(
-                f"FreeLB: the embedding module {self.target.path!r} {where}; the perturbation needs the model to embed "
-                "its input ids with it. Pass embedding= naming the module that embeds the tokens."
+                f"FreeLB: the embedding module {self.target.path!r} got no gradient from the loss; the perturbation needs "
+                "the model to embed its input ids with it, with gradients enabled (not under torch.no_grad() or "
+                "detached). Pass embedding= naming the module that embeds the tokens."
             )
         grad = delta.grad
         finite = torch.isfinite(grad).all()
@@ -137,7 +164,7 @@ class FreeLB(Method):
 
     def finish(self) -> None:
         self.target.detach()
-        self.target.delta = self.target.mask = None
+        self.target.delta = self.target.mask = self._delta0 = None
 
 
 def _same_shape(delta: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

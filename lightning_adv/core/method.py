@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, FrozenSet, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ class Method:
         needs_logits: whether the step must return its logits (``{"loss": loss, "logits": logits}``).
         reads_gradient: whether the method reads or clears the micro-batch's parameter gradients
             (:meth:`AttackStep.clean_grads`, :meth:`AttackStep.zero_grad`): the weight-space methods.
+        needs_clean_pass: whether the method must see the clean forward itself (it perturbs the embedding output
+            from :meth:`prepare` on): then :meth:`attack_backward`, which starts after the clean backward, is refused.
     """
 
     name: str = "adv"
@@ -37,6 +39,7 @@ class Method:
     runs_after_backward: bool = True
     needs_logits: bool = False
     reads_gradient: bool = False
+    needs_clean_pass: bool = False
 
     def __init__(self) -> None:
         self.last_loss: Optional[torch.Tensor] = None
@@ -52,8 +55,17 @@ class Method:
         """What the method perturbs, for the message at the start of training."""
         return ""
 
+    def perturbs(self) -> FrozenSet[int]:
+        """The ids of the modules or parameters the method perturbs: two methods of one class on a common one are
+        refused (:func:`~lightning_adv.core.step.check_composition`)."""
+        return frozenset()
+
     def prepare(self, step: AttackStep) -> None:
         """Before the clean forward."""
+
+    def before_pass(self, step: AttackStep) -> None:
+        """Before every forward of the micro-batch after the clean one (any method's pass): e.g. FreeLB puts its
+        ``delta0`` back on the embedding output, so that every method's passes start from FreeLB's clean input."""
 
     def before_backward(self, step: AttackStep, clean: Optional[PassOutput]) -> None:
         """After the clean forward, before its backward."""
@@ -73,6 +85,14 @@ class Method:
         Raises:
             RuntimeError: no parameter holds a gradient (call ``loss.backward()`` first).
         """
+        if self.needs_clean_pass:
+            name = type(self).__name__
+            raise RuntimeError(
+                f"{name}.attack_backward: {name} perturbs the embedding output from the clean forward on, so it cannot "
+                "start after your own loss.backward(). Run the whole micro-batch with "
+                f"lightning_adv.core.adversarial_backward(model, [{name.lower()}], loss_fn) instead of "
+                "loss.backward() + attack_backward."
+            )
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not any(p.grad is not None for p in params):
             raise RuntimeError(
@@ -107,6 +127,9 @@ class ParameterMethod(Method):
     def parameters(self) -> List[torch.Tensor]:
         """The parameters this method may perturb."""
         return [p for _, p in self.named_params]
+
+    def perturbs(self) -> FrozenSet[int]:
+        return frozenset(id(p) for _, p in self.named_params)
 
     def describe(self) -> str:
         names = [name for name, _ in self.named_params]

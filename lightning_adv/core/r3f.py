@@ -82,6 +82,7 @@ class R3F(SmoothnessMethod):
     def perturbed_logits(self, step: AttackStep, clean: PassOutput) -> Tuple[torch.Tensor, torch.Tensor]:
         self.target.arm(self.noise, detach=True)
         out = step.extra_forward()
+        self.target.require_called()
         if out.logits is None:
             raise ValueError("R3F needs the logits of every pass: return {'loss': loss, 'logits': logits}.")
         return out.logits, torch.ones((), dtype=torch.bool, device=out.logits.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,7 +44,7 @@ def check_attack_args(
         if not epsilon:
             raise ValueError(f"{owner}(epsilon={epsilon!r}): epsilon must be a number >= 0 or a non-empty list of them.")
         for value in epsilon:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{owner}(epsilon={epsilon!r}): every epsilon must be a finite number >= 0, got {value!r}.")
         epsilons = tuple(float(e) for e in epsilon)
         keys = [epsilon_key(e) for e in epsilons]

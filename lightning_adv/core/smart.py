@@ -107,14 +107,21 @@ class SMART(SmoothnessMethod):
         for _ in range(self.steps):
             self.target.arm(make)
             out = step.extra_forward()
-            delta = self.target.delta
-            if out.logits is None or delta is None:
-                raise ValueError("SMART needs the logits of every pass and a call of the embedding module in it.")
+            delta = self.target.require_called()
+            if out.logits is None:
+                raise ValueError("SMART needs the logits of every pass: return {'loss': loss, 'logits': logits}.")
             if regression:
                 adv = F.mse_loss(out.logits.float(), target_logits.float(), reduction="sum")  # as mt-dnn
             else:
                 adv = stable_kl(out.logits, target_logits, reduce=False)
             grad = step.input_gradient(adv, delta)
+            if grad is None:
+                raise RuntimeError(
+                    f"SMART: the logits do not depend on the output of the embedding module {self.target.path!r} (it ran "
+                    "under torch.no_grad(), or its output was detached), so the perturbation gets no gradient. Compute "
+                    "the embedding with gradients enabled (a frozen embedding is fine: requires_grad=False on its "
+                    "weight, not torch.no_grad()), or pass embedding= naming the module that embeds the tokens."
+                )
             finite = torch.isfinite(grad).all()
             valid = valid & finite
             with torch.no_grad():

@@ -11,7 +11,7 @@ backward of ``loss + weight * divergence``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class SmoothnessMethod(Method):
 
     runs_after_backward = False
     needs_logits = True
+    needs_clean_pass = True
     weight: float = 1.0
 
     def __init__(self, model: nn.Module, embedding: Optional[str], generator: Optional[torch.Generator] = None) -> None:
@@ -82,6 +83,9 @@ class SmoothnessMethod(Method):
 
     def describe(self) -> str:
         return f"the output of {self.target.path or type(self.target.module).__name__}"
+
+    def perturbs(self) -> FrozenSet[int]:
+        return frozenset({id(self.target.module)})
 
     def perturbed_logits(self, step: AttackStep, clean: PassOutput) -> Tuple[torch.Tensor, torch.Tensor]:
         """The logits at the perturbed embedding output (with their graph) and a 0-d bool: the attack is valid."""

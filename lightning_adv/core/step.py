@@ -10,9 +10,10 @@ gradient; "replace" methods (AWP) replace the clean one. Every method restores w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from lightning_adv.core.grads import GradientStash
 from lightning_adv.core.passes import BackwardSync, Outcome, PassOutput, SkipAttack, pass_output
 
 __all__ = [
-    "AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "join_clean_loss",
-    "pass_output",
+    "AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "check_composition",
+    "join_clean_loss", "pass_output",
 ]
 
 Grads = List[Optional[torch.Tensor]]
@@ -30,6 +31,38 @@ Grads = List[Optional[torch.Tensor]]
 
 def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def check_composition(methods: Sequence[Any]) -> None:
+    """Raise ``ValueError`` for a list of methods whose composition is not defined, naming why.
+
+    * A method that replaces the clean gradient (AWP) with one that extends the clean loss (SMART, R3F): the
+      regulariser's gradient is part of the clean gradient, so the replacement would drop it silently.
+    * Two methods of one class on a common module or parameter (two FreeLBs on one embedding under two names).
+    """
+    names = [type(m).__name__ for m in methods]
+    replacing = [n for n, m in zip(names, methods) if getattr(m, "replaces_gradient", False)]
+    extending = [n for n, m in zip(names, methods) if not getattr(m, "runs_after_backward", True)]
+    if replacing and extending:
+        raise ValueError(
+            f"{' and '.join(extending)} with {' and '.join(replacing)} is not supported: {', '.join(extending)} add"
+            f"{'s' * (len(extending) == 1)} a regulariser to the clean loss, whose gradient is part of the clean gradient "
+            f"that {', '.join(replacing)} replace{'s' * (len(replacing) == 1)} by the gradient at perturbed weights: the "
+            "regulariser would be dropped silently. Train with one of them, or combine the regulariser with FGM, PGD or "
+            "FreeLB (they add to the clean gradient)."
+        )
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            if type(a) is type(b) and _perturbed(a) & _perturbed(b):
+                raise ValueError(
+                    f"two {type(a).__name__} methods perturb the same module or parameters ({a.describe()}); they would "
+                    "perturb it twice in one micro-batch. Keep one of them."
+                )
+
+
+def _perturbed(method: Any) -> frozenset:
+    perturbs = getattr(method, "perturbs", None)
+    return perturbs() if callable(perturbs) else frozenset()
 
 
 class AttackStep:
@@ -58,6 +91,8 @@ class AttackStep:
             backward, which the clean gradient is then multiplied by. Methods that read or clear the parameter
             gradients (``reads_gradient``: FGM, PGD, AWP) are refused, and at most one method may run after the
             backward (FreeLB).
+        grad_context: a context in which :meth:`input_gradient` differentiates outside of ``backward`` (Fabric's
+            wrapped module refuses a backward through its outputs that ``fabric.backward`` did not start).
     """
 
     def __init__(
@@ -70,9 +105,11 @@ class AttackStep:
         sync_last: bool = True,
         grad_scale: float = 1.0,
         grads_are_views: bool = False,
+        grad_context: Optional[Callable[[], ContextManager[Any]]] = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.methods = list(methods)
+        check_composition(self.methods)
         self._forward = forward
         self._backward = backward or _plain_backward
         self.sync = sync or BackwardSync()
@@ -92,6 +129,7 @@ class AttackStep:
         # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
         self._single = len(after) == 1
         self._views = grads_are_views
+        self._grad_context = grad_context or contextlib.nullcontext
         # the product of the methods' clean weights (FreeLB: 1 / (1 + adv_steps)), applied to the clean gradient
         self._clean_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
         readers = [type(m).__name__ for m in self.methods if getattr(m, "reads_gradient", False)]
@@ -258,7 +296,7 @@ class AttackStep:
         last = final and self._current == self._last
         if last:
             self.sync.arm(self.sync_last)
-        out = pass_output(self._forward())
+        out = self._pass()
         if out is None:
             raise SkipAttack
         if last:
@@ -286,24 +324,26 @@ class AttackStep:
         joined, self._joined = self._joined, None
         return joined
 
-    def input_gradient(self, loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    def input_gradient(self, loss: torch.Tensor, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         """The gradient of ``loss`` with respect to ``tensor`` (a perturbation, a leaf that requires grad), with the
-        parameters' ``.grad`` left as they are (SMART's ascent).
+        parameters' ``.grad`` left as they are (SMART's ascent); ``None`` when ``loss`` does not depend on ``tensor``.
 
         ``torch.autograd.grad``; with ``grads_are_views`` (FSDP) a full backward instead, with ``.grad`` copied
         aside and written back in place: FSDP's backward hooks expect every backward to reach its flat parameters,
         and a backward that stops at ``tensor`` leaves the module holding unregistered parameter views, which the
         next forward writes back in place under the clean graph. Costs the parameter gradients and one copy."""
+        if not loss.requires_grad:
+            return None
         if not self._views:
-            (grad,) = torch.autograd.grad(loss, tensor)
+            with self._grad_context():
+                (grad,) = torch.autograd.grad(loss, tensor, allow_unused=True)
             return grad
         aside = GradientStash(self.params, in_place=True)
         aside.stash()
         try:
             tensor.grad = None
             loss.backward()
-            grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-            tensor.grad = None
+            grad, tensor.grad = tensor.grad, None
         finally:  # drop what this backward added, then put the earlier gradients back in place
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
@@ -313,10 +353,15 @@ class AttackStep:
 
     def extra_forward(self) -> PassOutput:
         """A forward between the clean forward and its backward (SMART, R3F): no merge, no all-reduce."""
-        out = pass_output(self._forward())
+        out = self._pass()
         if out is None:
             raise SkipAttack
         return out
+
+    def _pass(self) -> Optional[PassOutput]:
+        for method in self.methods:
+            method.before_pass(self)
+        return pass_output(self._forward())
 
     # -- gradient bookkeeping ----------------------------------------------------------------------------------------
     def _take(self) -> Grads:
@@ -348,7 +393,8 @@ class AttackStep:
                 add += values[1:]
         if add:
             torch._foreach_add_(into, add)
-        self._base, self._parts = None, []
+        self._clean = self._base = None  # no gradient-sized buffer outlives the merge besides .grad
+        self._parts = []
         self._merged = True
 
 
