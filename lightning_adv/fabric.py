@@ -41,11 +41,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_adv.core.method import Method
-from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, pass_output
+from lightning_adv.core.passes import required_loss
+from lightning_adv.strategies import check_bucket_views, check_strategy
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, run_micro_batch
 
 LossOutput = Union[torch.Tensor, Mapping[str, Any]]
+WHERE = "lightning_adv.fabric.adversarial_backward"
 
-_SHARDING = ("DeepSpeed", "FSDP", "XLA", "ModelParallel")  # Fabric's DeepSpeedStrategy subclasses DDPStrategy
 
 
 def adversarial_backward(
@@ -107,7 +109,7 @@ def adversarial_backward(
         fabric.backward(loss, model=model)
 
     if not methods:
-        loss = _required(loss_fn())
+        loss = required_loss(loss_fn(), WHERE)
         backward(loss)
         return loss.detach(), []
 
@@ -117,16 +119,7 @@ def adversarial_backward(
         sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True, grad_scale=1.0 / sync.world_size,
         grad_context=_differentiating,
     )
-    try:
-        step.before_forward()
-        output = loss_fn()
-        loss = _required(output)
-        step.before_backward(output)
-        joined = step.take_joined()
-        step.backward(loss if joined is None else loss + joined)
-        outcomes = step.after_backward()
-    finally:
-        step.close()
+    loss, outcomes = run_micro_batch(step, loss_fn, WHERE)
     return loss.detach(), outcomes
 
 
@@ -161,19 +154,9 @@ def _check(fabric: Any, model: Any, methods: Any, loss_fn: Any) -> List[Method]:
             f"{where}: the model must be the module returned by fabric.setup(model, optimizer), got "
             f"{type(model).__name__}. Set it up first: `model, optimizer = fabric.setup(model, optimizer)`."
         )
-    strategy = fabric.strategy
-    names = [c.__name__ for c in type(strategy).__mro__]
-    if any(w in n for n in names for w in _SHARDING) or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
-        raise ValueError(
-            f"{where} does not support the strategy {type(strategy).__name__}: strategies that shard parameters or "
-            "gradients (FSDP, DeepSpeed, XLA, model parallel) are refused. Supported: single device and DDP."
-        )
+    check_strategy(fabric.strategy, where)
     ddp = _ddp_module(model)
-    if ddp is not None and getattr(ddp, "gradient_as_bucket_view", False):
-        raise ValueError(
-            f"{where} needs DDPStrategy(gradient_as_bucket_view=False) (the default): it moves gradients aside "
-            "between backward passes, which bucket views do not allow."
-        )
+    check_bucket_views(ddp is not None and getattr(ddp, "gradient_as_bucket_view", False), where)
     if isinstance(methods, Method):
         methods = [methods]
     if isinstance(methods, (str, bytes)) or not isinstance(methods, Sequence):
@@ -196,13 +179,6 @@ def _check(fabric: Any, model: Any, methods: Any, loss_fn: Any) -> List[Method]:
     if not callable(loss_fn):
         raise TypeError(f"{where}: loss_fn must be a callable that returns the loss, got {type(loss_fn).__name__}.")
     return list(methods)
-
-
-def _required(output: Any) -> torch.Tensor:
-    out = pass_output(output)
-    if out is None:
-        raise ValueError("lightning_adv.fabric.adversarial_backward: loss_fn() returned None; it must return the loss of the batch.")
-    return out.loss
 
 
 __all__ = ["adversarial_backward"]

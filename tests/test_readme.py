@@ -31,3 +31,12 @@ def test_readme_example_attacks_with_every_method(capsys):
     printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("Callback 4", "Callback 2"))]
     assert printed == [["FGMCallback", "4"], ["PGDCallback", "4"], ["AWPCallback", "2"], ["FreeLBCallback", "4"],
                        ["R3FCallback", "4"], ["SMARTCallback", "4"]]
+
+
+def test_readme_how_to_add_a_method(capsys):
+    """The "How to add a method" example: a new Method and its callback, no engine edit, attacking every batch."""
+    code = _snippet("class GaussianNoise(Method)")
+    code = code.replace("logger=False)", "logger=False, enable_progress_bar=False, enable_model_summary=False)")
+    exec(compile(code, "README:how to add a method", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert "attacked 4" in out and "noisy loss True" in out

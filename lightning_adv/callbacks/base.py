@@ -19,9 +19,8 @@ from lightning_adv.callbacks.coordinator import Coordinator
 from lightning_adv.core.checks import NonNegativeInt, check_int
 from lightning_adv.core.method import Method
 from lightning_adv.core.step import Outcome
+from lightning_adv.strategies import SUPPORTED, check_bucket_views, check_strategy, is_fsdp
 
-_SHARDING = ("DeepSpeed", "FSDP", "XLA", "ModelParallel")  # DeepSpeedStrategy subclasses DDPStrategy
-SUPPORTED_STRATEGIES = "single device ('auto' on one device), 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'"
 
 
 class AdversarialCallback(Callback):
@@ -151,13 +150,12 @@ class AdversarialCallback(Callback):
         if stage != "fit":
             return
         owner = type(self).__name__
-        names = [c.__name__ for c in type(trainer.strategy).__mro__]  # by name: also `pytorch_lightning` strategies
-        if compat.is_fsdp(trainer):
+        if is_fsdp(trainer.strategy):
             if not self.supports_fsdp:
                 raise ValueError(
                     f"{owner} does not support FSDPStrategy: it perturbs weights along the whole gradient of each "
                     "parameter, which FSDP keeps sharded in its flat parameters. Use FreeLBCallback, R3FCallback or "
-                    f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED_STRATEGIES}."
+                    f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED}."
                 )
             if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1 and not self.supports_fsdp_accumulation:
                 raise ValueError(
@@ -171,17 +169,9 @@ class AdversarialCallback(Callback):
                     f"{owner} needs FSDPStrategy(use_orig_params=True) (Lightning's default): with use_orig_params=False "
                     "the module's own parameters and gradients are hidden in FSDP's flat parameters."
                 )
-        elif any(w in n for n in names for w in _SHARDING) or not {"SingleDeviceStrategy", "DDPStrategy"} & set(names):
-            raise ValueError(
-                f"{owner} does not support the strategy {type(trainer.strategy).__name__}: strategies that shard parameters "
-                f"or gradients (DeepSpeed, model parallel) are refused. Supported: {SUPPORTED_STRATEGIES}; and "
-                "FSDPStrategy for FreeLB, R3F and SMART."
-            )
-        if "DDPStrategy" in names and compat.ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view"):
-            raise ValueError(
-                f"{owner} needs DDPStrategy(gradient_as_bucket_view=False) (the default): it moves gradients aside "
-                "between backward passes, which bucket views do not allow."
-            )
+        else:
+            check_strategy(trainer.strategy, owner, "; and FSDPStrategy for FreeLB, R3F and SMART")
+            check_bucket_views(bool(compat.ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view")), owner)
         if pl_module.automatic_optimization and is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
             raise ValueError(
                 f"{owner}: {type(pl_module).__name__}.training_step takes `dataloader_iter`, so Lightning gives the callbacks "

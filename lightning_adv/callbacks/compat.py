@@ -9,6 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
+from lightning_adv import strategies
+
 
 def step_args(pl_module: Any, batch: Any, batch_idx: int) -> tuple:
     """The positional arguments Lightning passes to ``training_step`` (``batch_idx`` is optional)."""
@@ -57,7 +59,7 @@ def ddp_module(trainer: Any) -> Optional[DistributedDataParallel]:
 
 def is_fsdp(trainer: Any) -> bool:
     """Whether the trainer runs Lightning's ``FSDPStrategy`` (by name: also ``pytorch_lightning``'s)."""
-    return any(c.__name__ == "FSDPStrategy" for c in type(trainer.strategy).__mro__)
+    return strategies.is_fsdp(trainer.strategy)
 
 
 def ddp_kwargs(strategy: Any) -> dict:

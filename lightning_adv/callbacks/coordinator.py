@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 
@@ -15,7 +16,8 @@ from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.isolation import (
     SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging,
 )
-from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, check_composition, join_clean_loss, pass_output
+from lightning_adv.core.passes import required_loss
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, check_composition, join_clean_loss, run_micro_batch
 
 
 class Coordinator(Callback):
@@ -178,21 +180,20 @@ class Coordinator(Callback):
         if self.step is not None and self._phase == "forward" and pl_module.automatic_optimization:
             self._phase = "backward"
             output, self._captured = self._captured, None
-            self._watch = SideEffects(pl_module)
-            with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
+            self._watch = None
+            with self._isolated(pl_module):
                 self.step.before_backward(output)
             joined = self.step.take_joined()
             if joined is not None:
                 join_clean_loss(root, self._scaled(joined))
 
-    def _guarded(self, pl_module: Any) -> Any:
-        return (self.guard if self.guard is not None else StateGuard(pl_module)).preserved()
-
     def after_backward(self, pl_module: Any) -> None:
         if self.step is None or self._phase != "backward" or not pl_module.automatic_optimization:
             return  # one attack per micro-batch: backward hooks that fire again inside it do nothing
         self._phase = "attacked"
-        self._run(pl_module, self.step)
+        with self._isolated(pl_module):
+            outcomes = self.step.after_backward()
+        self._report(pl_module, self.plan, outcomes)
 
     def close(self) -> None:
         step, self.step, self._batch, self._phase, self._captured, self._watch = self.step, None, None, "", None, None
@@ -208,44 +209,40 @@ class Coordinator(Callback):
         self.manual_calls += 1
         plan = self.planned(trainer)
         if not plan:
-            loss = _required(loss_fn())
+            loss = required_loss(loss_fn(), "adversarial_backward")
             pl_module.manual_backward(loss)
             return loss
         ddp = compat.ddp_module(trainer)
         sync = BackwardSync(ddp, prepares=False)  # manual_backward prepares the reducer itself
 
-        def forward() -> Any:
-            return loss_fn()
-
         step = AttackStep(
-            [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in plan], forward,
+            [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in plan], loss_fn,
             pl_module.manual_backward, sync=sync, sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True,
             grad_scale=1.0 / sync.world_size, grads_are_views=compat.is_fsdp(trainer),
         )
-        try:
-            step.before_forward()
-            output = loss_fn()
-            loss = _required(output)
-            self._watch = SideEffects(pl_module)
-            with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
-                step.before_backward(output)
-            joined = step.take_joined()
-            pl_module.manual_backward(loss if joined is None else loss + joined)
-            self.plan = plan
-            self._run(pl_module, step)
-        finally:
-            step.close()
+        self._watch = None
+        loss, outcomes = run_micro_batch(step, loss_fn, "adversarial_backward", isolated=lambda: self._isolated(pl_module))
+        self._report(pl_module, plan, outcomes)
         return loss
 
     # -- both ---------------------------------------------------------------------------------------------------
-    def _run(self, pl_module: Any, step: AttackStep) -> None:
-        watch, self._watch = self._watch or SideEffects(pl_module), None
-        # buffers are restored after the backward passes: autograd may have saved them (BatchNorm, BERT ids)
-        with silenced_logging(pl_module), adversarial_pass(pl_module), self._guarded(pl_module):
-            outcomes = step.after_backward()
-        for cb, outcome in zip(self.plan, outcomes):
+    @contextlib.contextmanager
+    def _isolated(self, pl_module: Any) -> Iterator[None]:
+        """Around the methods' phases: ``self.log`` silenced, :func:`in_adversarial_pass` true, buffers and metric
+        states restored (after the backward passes too: autograd may have saved buffers, BatchNorm, BERT ids); on the
+        first entry of a micro-batch, the module's public state after its clean pass is noted (side effects)."""
+        if self._watch is None:
+            self._watch = SideEffects(pl_module)
+        guard = self.guard if self.guard is not None else StateGuard(pl_module)
+        with silenced_logging(pl_module), adversarial_pass(pl_module), guard.preserved():
+            yield
+
+    def _report(self, pl_module: Any, plan: List[Any], outcomes: List[Outcome]) -> None:
+        """Each callback records its outcome; a side effect of the re-run steps is warned about once per fit."""
+        watch, self._watch = self._watch, None
+        for cb, outcome in zip(plan, outcomes):
             cb.record(outcome, pl_module)
-        changed = [name for name in watch.changed() if name not in self._warned]
+        changed = [name for name in (watch.changed() if watch is not None else []) if name not in self._warned]
         if changed:
             self._warned.update(changed)
             rank_zero_warn(
@@ -269,18 +266,11 @@ class Coordinator(Callback):
         )
 
 
-def _required(output: Any) -> torch.Tensor:
-    out = pass_output(output)
-    if out is None:
-        raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss tensor of the batch.")
-    return out.loss
-
-
 def manual_backward(pl_module: Any, loss_fn: Callable[[], Any]) -> torch.Tensor:
     """The mixin's backward: through the Trainer's coordinator, or ``manual_backward(loss_fn())`` without one."""
     coordinator = Coordinator.of(pl_module.trainer)
     if coordinator is None:
-        loss = _required(loss_fn())
+        loss = required_loss(loss_fn(), "adversarial_backward")
         pl_module.manual_backward(loss)
         return loss
     return coordinator.manual_backward(pl_module, loss_fn)

@@ -14,16 +14,19 @@ from lightning_adv.core.fgm import FGM
 from lightning_adv.core.freelb import FreeLB
 from lightning_adv.core.grads import GradientStash
 from lightning_adv.core.method import Method, ParameterMethod
+from lightning_adv.core.neftune import NEFTune
 from lightning_adv.core.params import match_parameters, select_trainable
 from lightning_adv.core.pgd import PGD
 from lightning_adv.core.r3f import R3F
 from lightning_adv.core.robust import AttackResult, EmbeddingAttack, robust_accuracy
+from lightning_adv.core.sam import SAM
 from lightning_adv.core.smart import SMART
-from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutput, adversarial_backward
+from lightning_adv.core.contract import Contract
+from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutput, adversarial_backward, run_micro_batch
 
 __all__ = [
     "AttackResult", "EmbeddingAttack", "robust_accuracy",
-    "AWP", "AttackStep", "BackwardSync", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method", "Outcome",
-    "PGD", "ParameterMethod", "R3F", "SMART", "PassOutput", "adversarial_backward", "find_embedding", "match_parameters",
-    "select_trainable",
+    "AWP", "AttackStep", "BackwardSync", "Contract", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method",
+    "NEFTune", "Outcome", "PGD", "ParameterMethod", "R3F", "SAM", "SMART", "PassOutput", "adversarial_backward",
+    "find_embedding", "match_parameters", "run_micro_batch", "select_trainable",
 ]

@@ -48,7 +48,7 @@ class AWP(ParameterMethod):
     """
 
     name = "awp"
-    replaces_gradient = True
+    combine = "replace"
 
     def __init__(
         self, model: nn.Module, adv_param: str = "weight", adv_lr: float = 1.0, adv_eps: float = 0.2, adv_step: int = 1

@@ -8,74 +8,27 @@ from typing import Any, Callable, FrozenSet, Iterator, List, Optional
 import torch
 from torch import nn
 
+from lightning_adv.core.contract import Contract
 from lightning_adv.core.params import NamedParameters, with_grad
 from lightning_adv.core.snapshot import Regions, Snapshot
 from lightning_adv.core.step import AttackStep, Outcome, PassOutput
 
 
-class Method:
+class Method(Contract):
     """An adversarial-training method: what it does around one micro-batch, driven by an :class:`AttackStep`.
 
-    A subclass implements :meth:`run` (after the clean backward: its passes, through ``step.forward`` and
-    ``step.backward``) and, if it needs them, :meth:`prepare` (before the clean forward), :meth:`before_backward`
-    (after the clean forward) and :meth:`finish` (always, at the end of the micro-batch).
-
-    Attributes:
-        name: the short name used in log keys (``adv/<name>_loss``).
-        replaces_gradient: whether the method replaces the clean gradient (AWP) instead of adding to it.
-        clean_weight: factor applied to the micro-batch's clean gradient (FreeLB: ``1 / (1 + adv_steps)``).
-        runs_after_backward: whether :meth:`run` runs passes after the clean backward (False for the methods that
-            extend the clean loss in :meth:`before_backward`: SMART, R3F).
-        needs_logits: whether the step must return its logits (``{"loss": loss, "logits": logits}``).
-        reads_gradient: whether the method reads or clears the micro-batch's parameter gradients
-            (:meth:`AttackStep.clean_grads`, :meth:`AttackStep.zero_grad`): the weight-space methods.
-        needs_clean_pass: whether the method must see the clean forward itself (it perturbs the embedding output
-            from :meth:`prepare` on): then :meth:`attack_backward`, which starts after the clean backward, is refused.
+    A subclass declares how its gradient combines with the clean one (``combine``, ``clean_weight``; see
+    :mod:`lightning_adv.core.contract`) and implements :meth:`run` (after the clean backward: its passes, through
+    ``step.forward`` and ``step.backward``) and, if it needs them, :meth:`prepare` (before the clean forward),
+    :meth:`before_pass`, :meth:`before_backward` (after the clean forward) and :meth:`finish` (always, at the end of
+    the micro-batch). The README's "How to add a method" has a complete one.
     """
-
-    name: str = "adv"
-    replaces_gradient: bool = False
-    clean_weight: float = 1.0
-    runs_after_backward: bool = True
-    needs_logits: bool = False
-    reads_gradient: bool = False
-    needs_clean_pass: bool = False
 
     def __init__(self) -> None:
         self.last_loss: Optional[torch.Tensor] = None
         """The detached loss of the last adversarial pass."""
         self.last_skipped: Optional[torch.Tensor] = None
         """0-d bool tensor: whether the last attack was skipped."""
-
-    def enabled(self) -> bool:
-        """Whether the hyperparameters ask for any attack (FGM with ``epsilon=0`` does not)."""
-        return True
-
-    def describe(self) -> str:
-        """What the method perturbs, for the message at the start of training."""
-        return ""
-
-    def perturbs(self) -> FrozenSet[int]:
-        """The ids of the modules or parameters the method perturbs: two methods of one class on a common one are
-        refused (:func:`~lightning_adv.core.step.check_composition`)."""
-        return frozenset()
-
-    def prepare(self, step: AttackStep) -> None:
-        """Before the clean forward."""
-
-    def before_pass(self, step: AttackStep) -> None:
-        """Before every forward of the micro-batch after the clean one (any method's pass): e.g. FreeLB puts its
-        ``delta0`` back on the embedding output, so that every method's passes start from FreeLB's clean input."""
-
-    def before_backward(self, step: AttackStep, clean: Optional[PassOutput]) -> None:
-        """After the clean forward, before its backward."""
-
-    def run(self, step: AttackStep) -> Outcome:
-        """After the clean backward: the method's passes. Returns what it did."""
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        """At the end of the micro-batch, also after an error: remove hooks, drop references."""
 
     def attack_backward(self, closure: Callable[[], Any], backward: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """In a plain loop, after ``loss.backward()``: run this method from the gradients in ``.grad`` (its clean

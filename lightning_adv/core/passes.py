@@ -41,6 +41,14 @@ def pass_output(output: Any) -> Optional[PassOutput]:
     )
 
 
+def required_loss(output: Any, where: str) -> torch.Tensor:
+    """The loss of a clean pass; ``ValueError`` naming ``where`` when the loss function returned None."""
+    out = pass_output(output)
+    if out is None:
+        raise ValueError(f"{where}: loss_fn() returned None; it must return the loss of the batch.")
+    return out.loss
+
+
 class BackwardSync:
     """When DDP all-reduces: never for the clean or inner adversarial backward passes, once for the last one
     of the optimizer step. A no-op without a ``DistributedDataParallel`` module."""

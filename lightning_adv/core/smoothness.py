@@ -67,7 +67,7 @@ class SmoothnessMethod(Method):
     """Base of SMART and R3F: perturb the embedding output, run the forward, add ``weight * divergence(clean,
     perturbed logits)`` to the clean loss. A subclass implements :meth:`perturbed_logits` and :meth:`divergence`."""
 
-    runs_after_backward = False
+    combine = "extend_loss"
     needs_logits = True
     needs_clean_pass = True
     weight: float = 1.0

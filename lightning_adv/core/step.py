@@ -1,29 +1,32 @@
-"""The engine: one micro-batch of adversarial training, shared by the callbacks, the mixin and plain loops.
+"""The engine: one micro-batch of adversarial training, shared by the callbacks, the mixin, Fabric and plain loops.
 
-:class:`AttackStep` owns the gradients of the micro-batch. It moves the gradients of earlier micro-batches
-aside before the clean backward, gives every method the micro-batch's *clean* gradient as its direction, keeps
-what each method contributes apart, and merges everything right before the last backward of the step, which
-is the only one allowed to all-reduce under DDP. "Add" methods (FGM, PGD, FreeLB) add their adversarial
-gradient; "replace" methods (AWP) replace the clean one. Every method restores what it perturbed itself (in
-``finally``), and :meth:`AttackStep.close` puts back whatever is still aside, whatever was raised.
+:class:`AttackStep` runs the phases of a micro-batch and applies what each method declares (the contract,
+:mod:`lightning_adv.core.contract`: how its gradient combines with the clean one, its clean weight); it names no
+method. The gradients live in a ledger (:mod:`lightning_adv.core.ledger`): the earlier micro-batches' are set aside
+before the clean backward, every method gets the micro-batch's *clean* gradient as its direction, what each method
+contributes is kept apart, and everything is merged right before the last backward of the step, which is the only
+one allowed to all-reduce under DDP. Every method restores what it perturbed itself (in ``finally``), and
+:meth:`AttackStep.close` puts back whatever is still aside, whatever was raised. :func:`run_micro_batch` drives the
+phases for a loop that owns its forward and backward (a plain loop, the mixin, Fabric).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from lightning_adv.core.contract import Contract
 from lightning_adv.core.grads import GradientStash
-from lightning_adv.core.passes import BackwardSync, Outcome, PassOutput, SkipAttack, pass_output
+from lightning_adv.core.ledger import ledger_for
+from lightning_adv.core.passes import BackwardSync, Outcome, PassOutput, SkipAttack, pass_output, required_loss
 
 __all__ = [
     "AttackStep", "BackwardSync", "Outcome", "PassOutput", "SkipAttack", "adversarial_backward", "check_composition",
-    "join_clean_loss", "pass_output",
+    "join_clean_loss", "pass_output", "run_micro_batch",
 ]
 
 Grads = List[Optional[torch.Tensor]]
@@ -33,16 +36,22 @@ def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def check_composition(methods: Sequence[Any]) -> None:
+def _skipped() -> Outcome:
+    return Outcome(None, torch.ones((), dtype=torch.bool))
+
+
+def check_composition(methods: Sequence[Contract], in_place: bool = False) -> None:
     """Raise ``ValueError`` for a list of methods whose composition is not defined, naming why.
 
     * A method that replaces the clean gradient (AWP) with one that extends the clean loss (SMART, R3F): the
       regulariser's gradient is part of the clean gradient, so the replacement would drop it silently.
     * Two methods of one class on a common module or parameter (two FreeLBs on one embedding under two names).
+    * With gradients that are views into a sharded buffer (``in_place``, FSDP): a method that reads the parameter
+      gradients, or more than one method after the backward.
     """
     names = [type(m).__name__ for m in methods]
-    replacing = [n for n, m in zip(names, methods) if getattr(m, "replaces_gradient", False)]
-    extending = [n for n, m in zip(names, methods) if not getattr(m, "runs_after_backward", True)]
+    replacing = [n for n, m in zip(names, methods) if m.combine == "replace"]
+    extending = [n for n, m in zip(names, methods) if m.combine == "extend_loss"]
     if replacing and extending:
         raise ValueError(
             f"{' and '.join(extending)} with {' and '.join(replacing)} is not supported: {', '.join(extending)} add"
@@ -53,16 +62,25 @@ def check_composition(methods: Sequence[Any]) -> None:
         )
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            if type(a) is type(b) and _perturbed(a) & _perturbed(b):
+            if type(a) is type(b) and a.perturbs() & b.perturbs():
                 raise ValueError(
                     f"two {type(a).__name__} methods perturb the same module or parameters ({a.describe()}); they would "
                     "perturb it twice in one micro-batch. Keep one of them."
                 )
-
-
-def _perturbed(method: Any) -> frozenset:
-    perturbs = getattr(method, "perturbs", None)
-    return perturbs() if callable(perturbs) else frozenset()
+    readers = [n for n, m in zip(names, methods) if m.reads_gradient]
+    if in_place and readers:
+        raise ValueError(
+            f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, "
+            "which gradients that are views into a sharded buffer (FSDP) do not hold. Use a method that perturbs the "
+            "embedding output (FreeLB, R3F, SMART), or train without sharding (single device or DDP)."
+        )
+    after = [n for n, m in zip(names, methods) if m.combine != "extend_loss"]
+    if in_place and len(after) > 1:
+        raise ValueError(
+            f"{' and '.join(after)} all run after the backward, which keeps their gradients apart by moving `.grad` "
+            "tensors; with gradients that are views into a shared buffer (FSDP) at most one of them can run. "
+            "Keep one, or combine it with R3F/SMART (they run before the backward)."
+        )
 
 
 class AttackStep:
@@ -70,13 +88,13 @@ class AttackStep:
 
     Call :meth:`before_forward` before the clean forward, :meth:`before_backward` between the clean forward and
     its backward (then backpropagate the clean loss plus :meth:`take_joined`, if not None), :meth:`after_backward`
-    after it, and :meth:`close` in ``finally``; :func:`adversarial_backward`
-    does all of it for a plain loop. A method calls :meth:`clean_grads`, :meth:`zero_grad`, :meth:`forward` and
-    :meth:`backward` while it runs.
+    after it, and :meth:`close` in ``finally``; :func:`run_micro_batch` does all of it for a loop that owns its
+    forward and backward. A method calls :meth:`clean_grads`, :meth:`zero_grad`, :meth:`forward`,
+    :meth:`extra_forward`, :meth:`backward`, :meth:`backward_with_clean` and :meth:`input_gradient` while it runs.
 
     Args:
         params: the parameters whose gradients the step owns (the trainable parameters of the model).
-        methods: the methods to run, in order.
+        methods: the methods to run, in order (objects implementing :class:`~lightning_adv.core.contract.Contract`).
         forward: computes the step's output at the current perturbation (a loss, or ``{"loss", "logits"}``;
             ``None`` skips the attack).
         backward: backpropagates a loss (scaling, accumulation and precision included); ``loss.backward()``
@@ -85,12 +103,10 @@ class AttackStep:
         grad_scale: factor from ``.grad`` to the gradient the methods are defined on (``1 / world_size`` under
             DDP, where a rank holds its local part of the mean); only magnitude guards see it.
         grads_are_views: ``.grad`` are views into a gradient buffer owned elsewhere, whose shape and storage the
-            owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): ``.grad`` is then
-            never reassigned, only changed in place, and the earlier micro-batches' gradients stay in it (FSDP
-            reduces them with the step's last backward): they are divided by FreeLB's clean weight before the clean
-            backward, which the clean gradient is then multiplied by. Methods that read or clear the parameter
-            gradients (``reads_gradient``: FGM, PGD, AWP) are refused, and at most one method may run after the
-            backward (FreeLB).
+            owner may change between passes (FSDP's flat gradient with ``use_orig_params=True``): the gradients are
+            then kept in place (:class:`~lightning_adv.core.ledger.InPlaceLedger`), methods that read the parameter
+            gradients are refused, at most one method may run after the backward, and the perturbed losses of
+            ``"extend_loss"`` methods join the clean backward.
         grad_context: a context in which :meth:`input_gradient` differentiates outside of ``backward`` (Fabric's
             wrapped module refuses a backward through its outputs that ``fabric.backward`` did not start).
     """
@@ -98,7 +114,7 @@ class AttackStep:
     def __init__(
         self,
         params: Sequence[torch.Tensor],
-        methods: Sequence[Any],
+        methods: Sequence[Contract],
         forward: Callable[[], Any],
         backward: Optional[Callable[[torch.Tensor], None]] = None,
         sync: Optional[BackwardSync] = None,
@@ -109,47 +125,27 @@ class AttackStep:
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.methods = list(methods)
-        check_composition(self.methods)
+        check_composition(self.methods, in_place=grads_are_views)
         self._forward = forward
         self._backward = backward or _plain_backward
         self.sync = sync or BackwardSync()
         self.sync_last = sync_last
         self.grad_scale = grad_scale
-        self.earlier = GradientStash(self.params)
-        self._position: Dict[int, int] = {id(p): i for i, p in enumerate(self.params)}
-        self._clean: Optional[Grads] = None
-        self._base: Optional[Grads] = None
-        self._base_weight = 1.0
-        self._parts: List[Grads] = []
-        self._current = 0
-        self._merged = False
-        after = [i for i, m in enumerate(self.methods) if getattr(m, "runs_after_backward", True)]
-        self._last = after[-1] if after else -1
-        self._skipped_before: Dict[int, Outcome] = {}
-        # one method after the backward: the clean gradient stays in .grad until a method needs it cleared
-        self._single = len(after) == 1
-        self._views = grads_are_views
         self._grad_context = grad_context or contextlib.nullcontext
-        # the product of the methods' clean weights (FreeLB: 1 / (1 + adv_steps)), applied to the clean gradient
-        self._clean_weight = math.prod(float(getattr(m, "clean_weight", 1.0)) for m in self.methods)
-        readers = [type(m).__name__ for m in self.methods if getattr(m, "reads_gradient", False)]
-        if grads_are_views and readers:
-            raise ValueError(
-                f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, "
-                "which gradients that are views into a sharded buffer (FSDP) do not hold. Use a method that perturbs the "
-                "embedding output (FreeLB, R3F, SMART), or train without sharding (single device or DDP)."
-            )
-        if grads_are_views and len(after) > 1:
-            names = [type(self.methods[i]).__name__ for i in after]
-            raise ValueError(
-                f"{' and '.join(names)} all run after the backward, which keeps their gradients apart by moving `.grad` "
-                "tensors; with gradients that are views into a shared buffer (FSDP) at most one of them can run. "
-                "Keep one, or combine it with R3F/SMART (they run before the backward)."
-            )
-        self._live = False  # the clean gradient still lives in .grad
+        self.ledger = ledger_for(self.params, math.prod(float(m.clean_weight) for m in self.methods), grads_are_views)
+        after = [i for i, m in enumerate(self.methods) if m.combine != "extend_loss"]
+        self._last = after[-1] if after else -1  # the method whose final pass merges and all-reduces
+        self._keep_clean_in_grad = len(after) == 1  # no second gradient-sized buffer for a single method
+        self._current = 0
         self._backwards = 0
+        self._skipped_before: Dict[int, Outcome] = {}
         self._joined: Optional[torch.Tensor] = None
         self.outcomes: List[Outcome] = []
+
+    @property
+    def earlier(self) -> GradientStash:
+        """The gradients of earlier micro-batches, while they are set aside."""
+        return self.ledger.earlier
 
     # -- phases, called by the driver ----------------------------------------------------------------------------
     def before_forward(self) -> None:
@@ -159,23 +155,20 @@ class AttackStep:
             method.prepare(self)
 
     def before_backward(self, output: Any = None) -> None:
-        """Between the clean forward and its backward: earlier gradients aside; methods that extend the clean
-        loss (SMART, R3F) run their passes. Without methods after the backward, the clean backward is the step's
-        last one: the DDP all-reduce is armed for it."""
+        """Between the clean forward and its backward: earlier gradients aside; ``"extend_loss"`` methods run their
+        passes. Without methods after the backward, the clean backward is the step's last one: the DDP all-reduce is
+        armed for it."""
         if self._last >= 0:
-            if self._views:
-                self._unweight_earlier()
-            else:
-                self.earlier.stash()
+            self.ledger.set_aside_earlier()
         clean = pass_output(output) if output is not None else None
         for i, method in enumerate(self.methods):
             self._current = i
             try:
                 method.before_backward(self, clean)
             except SkipAttack:
-                self._skipped_before[i] = Outcome(None, torch.ones((), dtype=torch.bool))
+                self._skipped_before[i] = _skipped()
         if self._last < 0:
-            self._merged = True
+            self.ledger.merged = True
             self.sync.arm(self.sync_last)
             self.sync.prepare(output)
 
@@ -185,70 +178,28 @@ class AttackStep:
         With one method after the backward, the clean gradient stays in ``.grad`` (no second gradient-sized
         buffer): FGM and FreeLB accumulate onto it, PGD moves it aside when it clears ``.grad``, and AWP uses it as
         scratch (a skipped AWP attack then leaves the micro-batch without gradient; a FreeLB attack skipped after some
-        ascent passes keeps those passes). With several methods it is
-        moved aside at once, and each method's contribution is kept apart until the merge.
+        ascent passes keeps those passes). With several methods it is moved aside at once, and each method's
+        contribution is kept apart until the merge.
         """
-        self._base_weight = self._clean_weight
-        if self._single:
-            self._live = True
-            if self._base_weight != 1.0:  # FreeLB: weight the clean gradient in place
-                grads = [p.grad for p in self.params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, self._base_weight)
-                self._base_weight = 1.0
-        elif self._last >= 0:
-            self._clean = self._base = self._take()
+        if self._last >= 0:
+            self.ledger.receive_clean(keep_in_grad=self._keep_clean_in_grad)
         for i, method in enumerate(self.methods):
             self._current = i
             if i in self._skipped_before:
                 self.outcomes.append(self._skipped_before[i])
                 continue
+            self._backwards = 0
             try:
-                self._backwards = 0
                 outcome = method.run(self)
-            except SkipAttack:
-                outcome = Outcome(None, torch.ones((), dtype=torch.bool))
-                self._skipped(method)
+            except SkipAttack:  # a pass returned None: what its passes added is dropped
+                outcome = _skipped()
+                self.ledger.skipped(float(method.clean_weight), self._backwards, type(method).__name__)
             self.outcomes.append(outcome)
-            if not getattr(method, "runs_after_backward", True):
-                continue
-            if not self._merged and not self._views:  # views: the passes' gradients stay in .grad
-                grads = self._take()
-                if getattr(method, "replaces_gradient", False) and outcome.loss is not None:
-                    self._base, self._base_weight = grads, 1.0
-                else:
-                    self._parts.append(grads)
-        if not self._merged:  # no final pass ran (every attack skipped): the gradients as they are
-            self._merge(replacing=False)
+            if method.combine != "extend_loss" and not self.ledger.merged:
+                self.ledger.settle(replaces=method.combine == "replace" and outcome.loss is not None)
+        if not self.ledger.merged:  # no final pass ran (every attack skipped): the gradients as they are
+            self.ledger.merge(replacing=False)
         return self.outcomes
-
-    def _skipped(self, method: Any) -> None:
-        """A pass returned None: drop what the method's passes added, keep the clean gradient where it still is."""
-        weight = float(getattr(method, "clean_weight", 1.0))
-        if not self._live:
-            self.zero_grad()
-            if self._base is not None and self._base is self._clean:  # a skipped method does not weight it (FreeLB)
-                self._base_weight /= weight
-        elif self._backwards == 0 and weight != 1.0 and self._views:
-            warnings.warn(
-                f"{type(method).__name__}: a pass returned None after the clean backward; with gradients that are views "
-                "(FSDP) the earlier micro-batches' gradients share `.grad` with the clean one, so this micro-batch keeps "
-                f"its clean gradient weighted by {weight:g}, as if attacked.",
-                RuntimeWarning,
-            )
-        elif self._backwards == 0 and weight != 1.0:  # still only the (weighted) clean gradient in .grad
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, 1.0 / weight)
-
-    def _unweight_earlier(self) -> None:
-        """With views, before the clean backward: divide the earlier micro-batches' gradients by the clean weight
-        that :meth:`after_backward` multiplies ``.grad`` by (FreeLB), so that ``.grad`` ends as ``earlier + weight *
-        clean``, with no copy and no change of shape: FSDP may hold them unreduced and unsharded until the step's
-        last backward (gradient accumulation), which reduces everything ``.grad`` holds."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self._clean_weight != 1.0 and grads:
-            torch._foreach_mul_(grads, 1.0 / self._clean_weight)
 
     def close(self) -> None:
         """Remove the methods' hooks, put back anything still aside, release the DDP sync (idempotent)."""
@@ -256,39 +207,20 @@ class AttackStep:
             for method in self.methods:
                 method.finish()
         finally:
-            if not self._merged and (self._clean is not None or self._live):
-                self._merge(replacing=False)
-            self.earlier.merge()
+            self.ledger.close()
             self.sync.release()
 
     # -- what a method calls ---------------------------------------------------------------------------------------
     def clean_grads(self, params: Sequence[torch.Tensor], writable: bool = False) -> Grads:
         """The micro-batch's clean gradient of each of ``params`` (``None`` where it has none). With
         ``writable``, copies the caller may overwrite: the clean gradient stays whole, since a pass that returns
-        None (a skipped attack) falls back to it."""
-        if self._live:
-            grads = [p.grad if id(p) in self._position else None for p in params]
-            if writable and getattr(self.methods[self._current], "replaces_gradient", False):
-                self._live = False  # the method overwrites it: nothing falls back to it
-                return grads
-        else:
-            assert self._clean is not None, "clean_grads() is only available while the methods run"
-            grads = [self._clean[self._position[id(p)]] if id(p) in self._position else None for p in params]
-        if writable:
-            grads = [None if g is None else g.clone() for g in grads]
-        return grads
+        None (a skipped attack) falls back to it (a ``"replace"`` method gets the clean gradient itself as scratch
+        when it lives in ``.grad``)."""
+        return self.ledger.clean(params, writable, scratch=self.methods[self._current].combine == "replace")
 
     def zero_grad(self) -> None:
         """Discard the gradients of the method's earlier passes (the clean gradient is moved aside, not lost)."""
-        if self._views:
-            raise RuntimeError(
-                "AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)"
-            )
-        if self._live:
-            self._live = False
-            self._clean = self._base = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
+        self.ledger.clear_passes()
 
     def forward(self, final: bool = False) -> PassOutput:
         """Run the step at the current perturbation. ``final``: the method's last pass; for the last method,
@@ -297,11 +229,13 @@ class AttackStep:
         if last:
             self.sync.arm(self.sync_last)
         out = self._pass()
-        if out is None:
-            raise SkipAttack
         if last:
-            self._merge(replacing=bool(getattr(self.methods[self._current], "replaces_gradient", False)))
+            self.ledger.merge(replacing=self.methods[self._current].combine == "replace")
         return out
+
+    def extra_forward(self) -> PassOutput:
+        """A forward between the clean forward and its backward (``"extend_loss"`` methods): no merge, no all-reduce."""
+        return self._pass()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate a loss of this micro-batch as its clean loss is (accumulation, scaling, precision)."""
@@ -313,7 +247,7 @@ class AttackStep:
         ``before_backward``). By default at once; with ``grads_are_views`` (FSDP) the driver adds it to the clean loss
         (:meth:`take_joined`), so that the micro-batch has one backward: FSDP reduces the gradient of one backward
         after its forwards, and a backward of the extra forward before the clean one left the ranks apart."""
-        if not self._views:
+        if not self.ledger.in_place:
             self.backward(loss)
             return
         self._joined = loss if self._joined is None else self._joined + loss
@@ -334,7 +268,7 @@ class AttackStep:
         next forward writes back in place under the clean graph. Costs the parameter gradients and one copy."""
         if not loss.requires_grad:
             return None
-        if not self._views:
+        if not self.ledger.in_place:
             with self._grad_context():
                 (grad,) = torch.autograd.grad(loss, tensor, allow_unused=True)
             return grad
@@ -351,51 +285,13 @@ class AttackStep:
             aside.merge()
         return grad
 
-    def extra_forward(self) -> PassOutput:
-        """A forward between the clean forward and its backward (SMART, R3F): no merge, no all-reduce."""
-        out = self._pass()
+    def _pass(self) -> PassOutput:
+        for method in self.methods:
+            method.before_pass(self)
+        out = pass_output(self._forward())
         if out is None:
             raise SkipAttack
         return out
-
-    def _pass(self) -> Optional[PassOutput]:
-        for method in self.methods:
-            method.before_pass(self)
-        return pass_output(self._forward())
-
-    # -- gradient bookkeeping ----------------------------------------------------------------------------------------
-    def _take(self) -> Grads:
-        grads = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
-        return grads
-
-    def _merge(self, replacing: bool) -> None:
-        if self._views:  # the gradients accumulate in .grad, the earlier ones included (nothing was moved aside)
-            self._live, self._merged = False, True
-            return
-        self._live = False
-        lists: List[Grads] = [self._take()]
-        if not replacing and self._base is not None:
-            if self._base_weight != 1.0:
-                scaled = [g for g in self._base if g is not None]
-                if scaled:
-                    torch._foreach_mul_(scaled, self._base_weight)
-            lists.append(self._base)
-        lists += self._parts + [self.earlier.take()]
-        into: List[torch.Tensor] = []
-        add: List[torch.Tensor] = []
-        for j, p in enumerate(self.params):
-            values = [grads[j] for grads in lists if grads[j] is not None]
-            p.grad = values[0] if values else None
-            if len(values) > 1:
-                into += [values[0]] * (len(values) - 1)
-                add += values[1:]
-        if add:
-            torch._foreach_add_(into, add)
-        self._clean = self._base = None  # no gradient-sized buffer outlives the merge besides .grad
-        self._parts = []
-        self._merged = True
 
 
 def join_clean_loss(root: torch.Tensor, joined: Optional[torch.Tensor]) -> None:
@@ -432,15 +328,29 @@ def adversarial_backward(
         ([False, False], True)
     """
     step = AttackStep(model.parameters(), methods, loss_fn, backward)
+    return run_micro_batch(step, loss_fn, "adversarial_backward")[1]
+
+
+def run_micro_batch(
+    step: AttackStep,
+    loss_fn: Callable[[], Any],
+    where: str = "adversarial_backward",
+    isolated: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+) -> Tuple[torch.Tensor, List[Outcome]]:
+    """The micro-batch driver of every loop that owns its forward and backward (a plain loop, the mixin, Fabric):
+    the clean forward ``loss_fn()``, the methods' phases, the clean backward (through ``step.backward``, with what
+    the methods join to it) and :meth:`AttackStep.close`, whatever is raised. ``isolated`` wraps the methods' phases
+    (the mixin silences logging and preserves module state there). Returns the clean loss and each outcome."""
     try:
         step.before_forward()
         output = loss_fn()
-        step.before_backward(output)
-        clean = pass_output(output)
-        if clean is None:
-            raise ValueError("adversarial_backward: loss_fn() returned None; it must return the loss of the batch.")
+        loss = required_loss(output, where)
+        with isolated():
+            step.before_backward(output)
         joined = step.take_joined()
-        step.backward(clean.loss if joined is None else clean.loss + joined)
-        return step.after_backward()
+        step.backward(loss if joined is None else loss + joined)
+        with isolated():
+            outcomes = step.after_backward()
     finally:
         step.close()
+    return loss, outcomes

@@ -1,0 +1,79 @@
+"""SAM and ASAM (Foret et al., ICLR 2021; Kwon et al., ICML 2021), in the form of davda54/sam ``sam.py``: one pass
+at weights moved up the clean gradient, whose gradient replaces the clean one. A method on the engine's contract
+(``combine = "replace"``): no line of the engine knows it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_adv.core.checks import check_non_negative
+from lightning_adv.core.method import ParameterMethod
+from lightning_adv.core.snapshot import Regions, Snapshot, norms
+from lightning_adv.core.step import AttackStep, Outcome
+
+
+class SAM(ParameterMethod):
+    """Sharpness-aware minimisation: ``e = rho * g / (||g|| + 1e-12)`` (ASAM with ``adaptive``:
+    ``rho * w^2 * g / (||w * g|| + 1e-12)``), the norm taken over every trainable parameter together; one pass at
+    ``w + e``, whose gradient replaces the micro-batch's clean gradient; the weights are restored exactly. A
+    non-finite gradient norm leaves the weights unperturbed. With gradient accumulation each micro-batch is perturbed
+    from its own clean gradient (as AWP), the semantics of davda54/sam's loop run on each micro-batch.
+
+    Args:
+        model: the model; every trainable parameter is perturbed.
+        rho: the radius of the perturbation (>= 0); 0 disables it.
+        adaptive: ASAM's scale-invariant perturbation.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_adv.core import adversarial_backward
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> (outcome,) = adversarial_backward(model, [SAM(model, rho=0.5)], lambda: nn.functional.cross_entropy(model(x), y))
+        >>> bool(outcome.loss > nn.functional.cross_entropy(model(x), y))   # the loss at w + e is higher
+        True
+    """
+
+    name = "sam"
+    combine = "replace"
+
+    def __init__(self, model: nn.Module, rho: float = 0.05, adaptive: bool = False) -> None:
+        check_non_negative(type(self).__name__, rho=rho)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"{type(self).__name__}: {type(model).__name__} has no trainable parameter to perturb.")
+        super().__init__(model, named)
+        self.rho, self.adaptive = float(rho), bool(adaptive)
+        self._grad_scale = 1.0
+
+    def enabled(self) -> bool:
+        return self.rho != 0
+
+    def describe(self) -> str:
+        return ("ASAM: " if self.adaptive else "") + super().describe()
+
+    def run(self, step: AttackStep) -> Outcome:
+        self._grad_scale = step.grad_scale
+        return self._passes(step, 1, writable=True)
+
+    def perturb(self, snapshot: Snapshot, regions: Regions, pass_index: int) -> torch.Tensor:
+        steps = regions.grads  # scratch: the pass discards them
+        if self.adaptive:
+            torch._foreach_mul_(steps, regions.weights)  # w * g: its norm is ASAM's
+        total = torch.linalg.vector_norm(norms(steps)) * self._grad_scale
+        finite = torch.isfinite(total)
+        scale = torch.where(finite, self.rho * self._grad_scale / (total + 1e-12), 0.0)
+        if self.adaptive:
+            torch._foreach_mul_(steps, regions.weights)  # w^2 * g
+        for s in steps:  # inf * 0 would be nan: an unusable gradient leaves the weights as they are
+            s.nan_to_num_(0.0, 0.0, 0.0)
+        torch._foreach_mul_(steps, scale.to(steps[0].dtype))
+        torch._foreach_add_(regions.weights, steps)
+        return finite
+
+
+__all__ = ["SAM"]
