@@ -22,7 +22,9 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 
 from helpers import BatchSeeded, LogitsText, ManualText, TextModule, cpu_fsdp_strategy, end_distributed, make_data, trainer  # noqa: E402
-from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback  # noqa: E402
+from lightning_adv import (  # noqa: E402
+    AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, PGDCallback, R3FCallback, SAMCallback, SMARTCallback,
+)
 from lightning_adv.callbacks.compat import is_fsdp  # noqa: E402
 
 ALLREDUCES = [0]
@@ -97,6 +99,10 @@ def callbacks_for(cfg: dict) -> list:
                                norm_type="linf" if linf else "l2", embedding="model.embeddings.word_embeddings")]
     if cfg["method"] == "r3f":  # the noise seeded by the batch: the same on a rank and in the reference
         return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal", embedding="model.embeddings.word_embeddings"), BatchSeeded()]
+    if cfg["method"] in ("sam", "asam"):  # from the rank's local gradient, as the paper and Composer
+        return [SAMCallback(rho=0.5 if cfg["method"] == "asam" else 0.1, adaptive=cfg["method"] == "asam")]
+    if cfg["method"] == "msam":
+        return [MomentumSAMCallback(rho=0.1)]
     if cfg["method"] == "smart":
         return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1, steps=cfg["adv_step"], embedding="model.embeddings.word_embeddings"), BatchSeeded()]
     return []

@@ -37,6 +37,11 @@ CONFIGS = [
     "r3f_k1_unused:r3f:1:1:64-true:1:0",
     "smart_k1:smart:1:1:64-true:0:0",
     "smart2_k2_unused:smart:2:2:64-true:1:0",
+    "sam_k2:sam:1:2:64-true:0:0",
+    "asam_k1_unused:asam:1:1:64-true:1:0",
+    "manual_sam:sam:1:1:64-true:0:1",
+    "msam_k1:msam:1:1:64-true:0:0",
+    "msam_k2_unused:msam:1:2:64-true:1:0",
 ]
 
 

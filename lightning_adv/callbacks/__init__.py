@@ -11,11 +11,12 @@ from lightning_adv.callbacks.mixin import AdversarialMixin
 from lightning_adv.callbacks.pgd import PGDCallback
 from lightning_adv.callbacks.r3f import R3FCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
+from lightning_adv.callbacks.sam import MomentumSAMCallback, SAMCallback
 from lightning_adv.callbacks.smart import SMARTCallback
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "R3FCallback", "RobustAccuracy", "SMARTCallback", "in_adversarial_pass",
+    "MomentumSAMCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback", "in_adversarial_pass",
 ]
 
 _register_cli_types()

@@ -181,8 +181,8 @@ class Coordinator(Callback):
             self._phase = "backward"
             output, self._captured = self._captured, None
             self._watch = None
-            with self._isolated(pl_module):
-                self.step.before_backward(output)
+            with self._isolated(pl_module):  # without a captured output, the loss Lightning backpropagates: DDP's
+                self.step.before_backward(output if output is not None else root)  # reducer finds the graph from it
             joined = self.step.take_joined()
             if joined is not None:
                 join_clean_loss(root, self._scaled(joined))

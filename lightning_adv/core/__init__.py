@@ -14,6 +14,7 @@ from lightning_adv.core.fgm import FGM
 from lightning_adv.core.freelb import FreeLB
 from lightning_adv.core.grads import GradientStash
 from lightning_adv.core.method import Method, ParameterMethod
+from lightning_adv.core.momentum_sam import MomentumSAM
 from lightning_adv.core.neftune import NEFTune
 from lightning_adv.core.params import match_parameters, select_trainable
 from lightning_adv.core.pgd import PGD
@@ -27,6 +28,6 @@ from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutpu
 __all__ = [
     "AttackResult", "EmbeddingAttack", "robust_accuracy",
     "AWP", "AttackStep", "BackwardSync", "Contract", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method",
-    "NEFTune", "Outcome", "PGD", "ParameterMethod", "R3F", "SAM", "SMART", "PassOutput", "adversarial_backward",
+    "MomentumSAM", "NEFTune", "Outcome", "PGD", "ParameterMethod", "R3F", "SAM", "SMART", "PassOutput", "adversarial_backward",
     "find_embedding", "match_parameters", "run_micro_batch", "select_trainable",
 ]

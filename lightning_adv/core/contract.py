@@ -17,7 +17,7 @@ its passes), applied once by the gradient ledger.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, FrozenSet, Literal, Optional
+from typing import TYPE_CHECKING, Any, FrozenSet, Literal, Optional, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_adv.core.passes import Outcome, PassOutput
@@ -68,6 +68,10 @@ class Contract:
         """The ids of the modules or parameters the method perturbs: two methods of one class on a common one are
         refused (:func:`~lightning_adv.core.step.check_composition`)."""
         return frozenset()
+
+    def compose(self, others: Sequence["Contract"]) -> None:
+        """Raise ``ValueError`` naming why, when the method cannot run in one micro-batch with ``others`` (the rules
+        the engine knows from the declarations alone are in :func:`~lightning_adv.core.step.check_composition`)."""
 
     def prepare(self, step: Any) -> None:
         """Before the clean forward (install hooks, perturb what the clean pass must see)."""

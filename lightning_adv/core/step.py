@@ -46,6 +46,7 @@ def check_composition(methods: Sequence[Contract], in_place: bool = False) -> No
     * A method that replaces the clean gradient (AWP) with one that extends the clean loss (SMART, R3F): the
       regulariser's gradient is part of the clean gradient, so the replacement would drop it silently.
     * Two methods of one class on a common module or parameter (two FreeLBs on one embedding under two names).
+    * Whatever a method refuses itself (:meth:`~lightning_adv.core.contract.Contract.compose`).
     * With gradients that are views into a sharded buffer (``in_place``, FSDP): a method that reads the parameter
       gradients, or more than one method after the backward.
     """
@@ -60,6 +61,8 @@ def check_composition(methods: Sequence[Contract], in_place: bool = False) -> No
             "regulariser would be dropped silently. Train with one of them, or combine the regulariser with FGM, PGD or "
             "FreeLB (they add to the clean gradient)."
         )
+    for i, method in enumerate(methods):
+        method.compose([m for j, m in enumerate(methods) if j != i])
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
             if type(a) is type(b) and a.perturbs() & b.perturbs():
