@@ -5,7 +5,7 @@
 """
 
 from lightning_adv.callbacks import (
-    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, PGDCallback,
+    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback,
     R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, in_adversarial_pass,
 )
 from lightning_adv.core import (
@@ -17,7 +17,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
-    "GradientStash", "Method", "MomentumSAM", "MomentumSAMCallback", "NEFTune", "PGD", "PGDCallback", "R3F", "R3FCallback",
+    "GradientStash", "Method", "MomentumSAM", "MomentumSAMCallback", "NEFTune", "NEFTuneCallback", "PGD", "PGDCallback", "R3F", "R3FCallback",
     "RobustAccuracy", "SAM", "SAMCallback", "SMART", "SMARTCallback",
     "adversarial_backward", "fabric_adversarial_backward", "in_adversarial_pass",
 ]

@@ -23,7 +23,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E
 
 from helpers import BatchSeeded, LogitsText, ManualText, TextModule, cpu_fsdp_strategy, end_distributed, make_data, trainer  # noqa: E402
 from lightning_adv import (  # noqa: E402
-    AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, PGDCallback, R3FCallback, SAMCallback, SMARTCallback,
+    AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, SAMCallback,
+    SMARTCallback,
 )
 from lightning_adv.callbacks.compat import is_fsdp  # noqa: E402
 
@@ -101,6 +102,8 @@ def callbacks_for(cfg: dict) -> list:
         return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal", embedding="model.embeddings.word_embeddings"), BatchSeeded()]
     if cfg["method"] in ("sam", "asam"):  # from the rank's local gradient, as the paper and Composer
         return [SAMCallback(rho=0.5 if cfg["method"] == "asam" else 0.1, adaptive=cfg["method"] == "asam")]
+    if cfg["method"] == "neftune":  # the noise seeded by the batch, as R3F's
+        return [NEFTuneCallback(noise_alpha=5.0, embedding="model.embeddings.word_embeddings"), BatchSeeded()]
     if cfg["method"] == "msam":
         return [MomentumSAMCallback(rho=0.1)]
     if cfg["method"] == "smart":

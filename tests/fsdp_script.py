@@ -34,7 +34,9 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 
 from ddp_script import callbacks_for, module_for, parse  # noqa: E402
 from helpers import BatchSeeded, cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
-from lightning_adv import AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback  # noqa: E402
+from lightning_adv import (  # noqa: E402
+    AWPCallback, FGMCallback, FreeLBCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback,
+)
 from test_usage import hf_batches  # noqa: E402
 
 CONFIGS = [
@@ -45,6 +47,7 @@ CONFIGS = [
     "r3f_k2:r3f:1:2:32-true:0:0",
     "smart_k1:smart:1:1:32-true:0:0",
     "smart2_k2:smart:2:2:32-true:0:0",
+    "neftune_k2:neftune:1:2:32-true:0:0",
 ]
 # Manual optimization is left out: Lightning 2.6 runs training_step inside FSDP's forward, where FSDP refuses a
 # backward (plain manual_backward fails the same way: "Expects BACKWARD_PRE or BACKWARD_POST state").
@@ -110,6 +113,8 @@ def hf_callbacks(method: str) -> List[Any]:
         return [R3FCallback(eps=0.1, r3f_lambda=2.0, noise_type="normal"), BatchSeeded()]
     if method == "smart":
         return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), BatchSeeded()]
+    if method == "neftune":
+        return [NEFTuneCallback(noise_alpha=5.0), BatchSeeded()]
     return []
 
 
@@ -132,6 +137,7 @@ def hf_fit(arch: str, method: str, accumulate: int, frozen: bool, device: str, f
 HF_CONFIGS = [
     "bert_none_k2:bert:none:2:0", "bert_freelb_k2:bert:freelb:2:0", "bert_r3f_k2:bert:r3f:2:0", "bert_smart_k2:bert:smart:2:0",
     "gpt2_freelb_frozen:gpt2:freelb:2:1", "llama_r3f_frozen:llama:r3f:2:1", "llama_smart:llama:smart:2:0",
+    "llama_neftune_frozen:llama:neftune:2:1", "bert_neftune_k2:bert:neftune:2:0",
 ]
 
 

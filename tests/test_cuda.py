@@ -32,8 +32,8 @@ from test_methods import LFREELB, LPGD, freelb_micro, pgd_micro, plain_fit
 from test_smoothness import reference_r3f, reference_smart
 
 from lightning_adv import (
-    AWP, FGM, PGD, R3F, SMART, AWPCallback, FGMCallback, FreeLB, FreeLBCallback, PGDCallback, R3FCallback,
-    RobustAccuracy, SMARTCallback,
+    AWP, FGM, PGD, R3F, SAM, SMART, AWPCallback, FGMCallback, FreeLB, FreeLBCallback, MomentumSAM, MomentumSAMCallback,
+    NEFTune, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback,
 )
 from lightning_adv.core import EmbeddingAttack, adversarial_backward
 
@@ -351,3 +351,70 @@ def test_fsdp_on_one_gpu_equals_one_device(tmp_path: Any) -> None:
     from test_fsdp import check_one_device_report, run_fsdp_script
 
     check_one_device_report(run_fsdp_script(tmp_path / "fsdp.json", "cuda"), tol=1e-5)
+
+
+# -- 6. SAM, ASAM, Momentum-SAM and NEFTune (on the method contract) ----------------------------------------------
+
+NEW_CALLBACKS = {
+    "sam": lambda: SAMCallback(rho=0.1),
+    "asam": lambda: SAMCallback(rho=0.5, adaptive=True),
+    "msam": lambda: MomentumSAMCallback(rho=0.3),
+    "neftune": lambda: NEFTuneCallback(noise_alpha=5.0, embedding="model." + EMB),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("method", ["sam", "asam", "msam", "neftune"])
+def test_new_methods_have_no_host_sync(method: str, precision: str) -> None:
+    torch.manual_seed(0)
+    model = TinyText().to(DEVICE)
+    ids, y = (t.to(DEVICE) for t in make_data(8)[:])
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    F.cross_entropy(model(ids), y).backward()
+    opt.step()  # a momentum for Momentum-SAM
+    opt.zero_grad()
+    attack = {"sam": lambda: SAM(model, rho=0.1), "asam": lambda: SAM(model, rho=0.5, adaptive=True),
+              "msam": lambda: MomentumSAM(model, opt, rho=0.3), "neftune": lambda: NEFTune(model, embedding=EMB)}[method]()
+    with SyncFree() as guard:
+
+        @guard.allowed
+        def loss_fn() -> Any:
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                return F.cross_entropy(model(ids), y)
+
+        @guard.allowed
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        for _ in range(3):
+            (outcome,) = adversarial_backward(model, [attack], loss_fn, backward)
+    assert not bool(outcome.skipped)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "msam", "neftune"])
+def test_new_methods_16_mixed_with_an_overflowing_scaler(method: str) -> None:
+    """Lightning's GradScaler on the device, its first steps overflowing: the perturbation of an overflowing step is
+    skipped (SAM) or harmless (the scaler skips the step), training ends finite and attacked."""
+    module = TextModule(dtype=torch.float32)
+    before = copy.deepcopy(module.model)
+    cb = NEW_CALLBACKS[method]()
+    scaler = overflowing_scaler()
+    trainer(accelerator=DEVICE, deterministic=False, max_epochs=3, callbacks=[cb],
+            plugins=[MixedPrecision("16-mixed", DEVICE, scaler=scaler)]).fit(module, loader(make_data(16)))
+    assert cb.attacks == 12
+    assert all(bool(torch.isfinite(p).all()) for p in module.model.parameters())
+    assert float(max((p.detach().cpu() - q.detach().cpu()).abs().max() for p, q in zip(module.model.parameters(), before.parameters()))) > 0
+    if method in ("sam", "asam"):
+        assert cb.skipped >= 1  # the overflowing steps' attacks
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["sam", "msam", "neftune"])
+def test_new_methods_gpu_memory_does_not_grow(method: str) -> None:
+    baseline = _growth([], "bf16-mixed", False)
+    growth = _growth([NEW_CALLBACKS[method]()], "bf16-mixed", False)
+    assert growth <= max(baseline, 0) + 16 * 1024, f"{method}: +{growth} B from step 20 to 120 (plain: +{baseline} B)"

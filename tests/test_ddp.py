@@ -42,6 +42,7 @@ CONFIGS = [
     "manual_sam:sam:1:1:64-true:0:1",
     "msam_k1:msam:1:1:64-true:0:0",
     "msam_k2_unused:msam:1:2:64-true:1:0",
+    "neftune_k2:neftune:1:2:64-true:0:0",
 ]
 
 

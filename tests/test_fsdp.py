@@ -81,7 +81,7 @@ def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_no_shard"])
 def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> None:
     configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0", "freelb2_k2:freelb:2:2:32-true:0:0",
-               "r3f_k2:r3f:1:2:32-true:0:0", "smart_k1:smart:1:1:32-true:0:0"]
+               "r3f_k2:r3f:1:2:32-true:0:0", "smart_k1:smart:1:1:32-true:0:0", "neftune_k1:neftune:1:1:32-true:0:0"]
     _launch(tmp_path, strategy, configs)
     for cfg in configs:
         name, method = cfg.split(":")[:2]

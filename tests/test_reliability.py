@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import lightning_adv
 from lightning_adv import (
-    AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback,
+    AWPCallback, FGMCallback, FreeLBCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback,
 )
 from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, adversarial_backward
 from lightning_adv.core.embedding import per_example_norms
@@ -197,6 +197,7 @@ ALL = {
     "freelb": lambda: FreeLBCallback(adv_steps=2, adv_init_mag=0.6, embedding=EMB),
     "r3f": lambda: R3FCallback(eps=1e-2, embedding=EMB),
     "smart": lambda: SMARTCallback(embedding=EMB),
+    "neftune": lambda: NEFTuneCallback(embedding=EMB),
 }
 
 
@@ -220,13 +221,15 @@ class Skips(LogitsText):
 
 
 class Raises(LogitsText):
-    def __init__(self, error: BaseException, **kwargs: Any) -> None:
+    """Raises in batch 1: in an adversarial pass, or (``clean``: a method without passes) in the clean step."""
+
+    def __init__(self, error: BaseException, clean: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.error, self.calls = error, 0
+        self.error, self.calls, self.clean = error, 0, clean
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         self.calls += 1
-        if batch_idx == 1 and lightning_adv.in_adversarial_pass(self):
+        if batch_idx == 1 and (self.clean or lightning_adv.in_adversarial_pass(self)):
             raise self.error
         return super().training_step(batch, batch_idx)
 
@@ -250,7 +253,7 @@ def test_skipped_batch_leaves_no_hook(name):
 @pytest.mark.parametrize("name", list(ALL))
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_exception_in_an_adversarial_pass_leaves_model_clean(name, error):
-    module = Raises(error)
+    module = Raises(error, clean=name == "neftune")
     before = copy.deepcopy(module.model)
     t = trainer(max_epochs=1, callbacks=[ALL[name]()])
     with pytest.raises((RuntimeError, KeyboardInterrupt, SystemExit)):

@@ -8,6 +8,7 @@ from lightning_adv.callbacks.fgm import FGMCallback
 from lightning_adv.callbacks.freelb import FreeLBCallback
 from lightning_adv.callbacks.isolation import in_adversarial_pass
 from lightning_adv.callbacks.mixin import AdversarialMixin
+from lightning_adv.callbacks.neftune import NEFTuneCallback
 from lightning_adv.callbacks.pgd import PGDCallback
 from lightning_adv.callbacks.r3f import R3FCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
@@ -16,7 +17,7 @@ from lightning_adv.callbacks.smart import SMARTCallback
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "MomentumSAMCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback", "in_adversarial_pass",
+    "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback", "in_adversarial_pass",
 ]
 
 _register_cli_types()
