@@ -113,6 +113,37 @@ def _table(head: List[str], rows: List[List[Any]], left: int = 2) -> List[str]:
             + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def diagnose(results: Dict[str, Any], clock: str) -> List[str]:
+    """One line per X over the bar (or undecided): more passes than the limit is a regression of the engine; the
+    limit's passes under load is load until a quiet run says otherwise; on a quiet machine it is overhead outside the
+    passes, to bisect with ``compare_commits.py``."""
+    out = []
+    for res in results["models"]:
+        load = res["load"]["verdict"]
+        for m in results["args"]["method_list"]:
+            for path, key, variant in (("loop", "ours", f"ours_{m}"), ("Lightning", "lightning", f"L_{m}")):
+                x = res["X"][clock][m].get(key)
+                if not x or verdict(x, m) == "yes":
+                    continue
+                cnt, limit = res["counts"].get(variant), METHODS[m]["limit"]
+                passes = f"{cnt['forwards'] - 1} / {cnt['backwards'] - 1}" if cnt else "not counted"
+                flops = f", X by FLOPs {res['X_flops'][variant]:.2f}" if variant in res.get("X_flops", {}) else ""
+                if cnt and max(cnt["forwards"], cnt["backwards"]) - 1 > limit:
+                    why = "**more passes than the limit: a regression of the engine**"
+                elif x["value"] <= limit + TOLERANCE:
+                    why = "the value is under the bar, its interval crosses it: too few rounds to decide"
+                elif load == "contaminated":
+                    why = ("the limit's passes, on a loaded machine: **load** until a quiet run (or `benchmarks/"
+                           "compare_commits.py --rounds`, interleaved against an earlier commit) says otherwise")
+                else:
+                    why = ("the limit's passes on a machine not descheduled: time outside the passes (arithmetic, "
+                           "machinery: the Lightning *added* column); `benchmarks/compare_commits.py --count` against "
+                           "an earlier commit shows what changed")
+                out.append(f"* {res['model']}, {METHODS[m]['label']}, {path}: X {_x(x)} (limit {limit:.2f}); extra "
+                           f"passes fwd / bwd {passes}{flops}; load {load}: {why}.")
+    return out
+
+
 def render(results: Dict[str, Any]) -> str:
     mach, a = results["machine"], results["args"]
     methods: List[str] = a["method_list"]
@@ -146,7 +177,9 @@ def render(results: Dict[str, Any]) -> str:
         f"*shared*: others > {clocks.OTHERS_LIMIT} cores without descheduling (shared caches and memory bandwidth: "
         "CPU-time X hold to first order); *quiet*: neither. CPU time leaves out the time spent descheduled, which "
         "makes X from it much less sensitive to load than X from wall time; shared caches, memory bandwidth and "
-        "steal still reach it.",
+        "steal still reach it."
+        + (" On CUDA the host waits for the device, which the detector counts as time off the CPU: read it as a "
+           "statement about the host only." if a["device"] != "cpu" else ""),
         "",
     ]
     rows = []
@@ -204,6 +237,11 @@ def render(results: Dict[str, Any]) -> str:
                         [[name, METHODS[m]["label"], _x(xc[m]["ours"]), _x(xc[m].get("lightning"))]
                          for name, xc in clean for m in methods])
 
+    lines += ["", "## Diagnosis", "", f"Every X whose interval is not all at or under its limit + {TOLERANCE:.2f} (by {clock} time), "
+              "with what tells load from a regression: the passes counted in one step (load-free), X by FLOPs, and the "
+              "run's load verdict.", ""]
+    lines += diagnose(results, clock) or ["None: every X is at or under its limit + 0.10."]
+
     # times and load-free counts
     lines += ["", "## Times and counts per step", "",
               f"Median time per step ({clock}, ms; all timed steps), and the load-free counts of one step: model "
@@ -221,14 +259,14 @@ def render(results: Dict[str, Any]) -> str:
                      "MiB copied", "Python calls"], rows)
     arith = [(res, m) for res in results["models"] for m in methods if f"ours_{m}" in res["arithmetic_ms"]]
     if arith:
-        lines += ["", "The attack's own arithmetic timed alone (CPU ms; `attack_backward` with a loss closure that "
+        lines += ["", f"The attack's own arithmetic timed alone ({'CPU' if a['device'] == 'cpu' else 'wall'} ms; `attack_backward` with a loss closure that "
                   "returns a constant and a backward that does nothing, from a copy of the clean gradient), baseline / "
                   "ours, and in units of T_fwd+bwd:", ""]
         lines += _table(["model", "method", "baseline / ours (ms)", "units"], [
             [res["model"], METHODS[m]["label"],
              f"{res['arithmetic_ms'].get(f'ref_{m}', float('nan')):.1f} / {res['arithmetic_ms'][f'ours_{m}']:.1f}",
-             f"{res['arithmetic_ms'].get(f'ref_{m}', float('nan')) / res['median_ms']['cpu']['fwd_bwd']:.3f} / "
-             f"{res['arithmetic_ms'][f'ours_{m}'] / res['median_ms']['cpu']['fwd_bwd']:.3f}"] for res, m in arith])
+             f"{res['arithmetic_ms'].get(f'ref_{m}', float('nan')) / res['median_ms'][clock]['fwd_bwd']:.3f} / "
+             f"{res['arithmetic_ms'][f'ours_{m}'] / res['median_ms'][clock]['fwd_bwd']:.3f}"] for res, m in arith])
 
     if lightning:
         lines += ["", "## Lightning, per step, by public hooks", "",

@@ -81,6 +81,7 @@ def measure_model(name: str, o: Options) -> Dict[str, Any]:
 
     rounds: Dict[str, List[List[Sample]]] = {v: [] for v in variants}
     arithmetic: Dict[str, List[float]] = {v: [] for v in arithmetic_variants(o.methods) if v.split("_")[0] in sides}
+    arith_clock = time.process_time if device.type == "cpu" else time.perf_counter
     monitor = LoadMonitor()
     t_start = time.perf_counter()
     for r in range(n_rounds):
@@ -99,7 +100,7 @@ def measure_model(name: str, o: Options) -> Dict[str, Any]:
                         times.append(t0.since())
             rounds[v].append(times)
         for v in arithmetic:
-            arithmetic[v] += [loop.time_arithmetic(v, time.process_time) for _ in range(n_steps)]
+            arithmetic[v] += [loop.time_arithmetic(v, arith_clock) for _ in range(n_steps)]
         monitor.mark_round()
         if o.verbose:
             med = round_medians({v: [rounds[v][-1]] for v in variants}, "cpu")[0]
