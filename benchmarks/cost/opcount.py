@@ -7,9 +7,10 @@ Under :class:`Counting`, a step records
   computed for the word-embedding weight (a hook on ``get_input_embeddings().weight``: the backward passes that go
   all the way down; a snippet that embeds once and feeds ``inputs_embeds`` to every pass reaches it once);
 * ``flops``: matrix-multiply FLOPs, forward and backward (``torch.utils.flop_counter.FlopCounterMode``);
-* ``ops`` and ``bytes``: every ATen operator called (a ``TorchDispatchMode``) and the bytes of the tensors it
-  returned (in place: the tensor it wrote), in all and per operator; ``foreach``: the ``_foreach_*`` calls;
-  ``copies``: bytes written by copies (``clone``, ``copy_``, ``_to_copy``, out-of-place ``_foreach_mul``);
+* ``ops`` and ``bytes``: every ATen operator called (a ``TorchDispatchMode``) and the bytes it wrote (its fresh
+  results and the arguments it changed in place; views write nothing: :func:`written`), in all and per operator;
+  ``foreach``: the ``_foreach_*`` calls; ``copies``: bytes written by copies (``clone``, ``copy_``, ``_to_copy``,
+  out-of-place ``_foreach_mul``);
 * ``py_calls``: Python function calls inside ``lightning_adv`` (``sys.setprofile``): the interpreter's share.
 
 Two versions of the engine that do the same passes and write the same bytes cost the same on any machine, up to
@@ -31,6 +32,24 @@ from torch.utils._pytree import tree_flatten
 COPY_OPS = {"clone", "copy_", "_to_copy", "_foreach_mul"}
 
 
+def _nbytes(value: Any) -> int:
+    flat, _ = tree_flatten(value)
+    return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+
+
+def written(func: Any, args: Any, kwargs: Any, out: Any) -> int:
+    """Bytes an operator wrote: its mutated arguments (in place, ``_foreach_*_`` included) and its fresh results;
+    results that alias an input (views, the ``self`` of an in-place operator) are not counted again."""
+    schema = func._schema
+    n = 0
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            n += _nbytes(args[i] if i < len(args) else kwargs.get(arg.name))
+    returns = schema.returns
+    pairs = [(returns[0], out)] if len(returns) == 1 else list(zip(returns, out if isinstance(out, (tuple, list)) else ()))
+    return n + sum(_nbytes(value) for ret, value in pairs if ret.alias_info is None)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -38,11 +57,11 @@ class _Ops(TorchDispatchMode):
         self.bytes: Dict[str, int] = collections.Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         self.calls[name] += 1
-        flat, _ = tree_flatten(out)
-        self.bytes[name] += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        self.bytes[name] += written(func, args, kwargs, out)
         return out
 
 
