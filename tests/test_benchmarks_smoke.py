@@ -1,5 +1,6 @@
-"""Smoke test of ``benchmarks/attack_cost.py``: its ``--quick`` mode on a tiny BERT; and the reference PGD, FreeLB,
-R3F and SMART snippets it uses as baselines compute what our methods compute."""
+"""Smoke test of ``benchmarks/attack_cost.py`` and its library ``benchmarks/cost``: the ``--quick`` mode on a tiny BERT
+(the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F and
+SMART snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
@@ -36,36 +37,71 @@ def quick_run(tmp_path_factory):
     return md.read_text(), json.loads(js.read_text())
 
 
+def _assert_spread(x):
+    """A finite X with its spread: the value inside both its bootstrap interval and its interquartile range."""
+    assert all(math.isfinite(x[k]) for k in ("value", "lo", "hi", "q1", "q3")), x
+    assert x["lo"] <= x["value"] <= x["hi"] and x["q1"] <= x["value"] <= x["q3"], x
+    assert x["n"] == len(x["rounds"]) == 2
+
+
 def test_quick_benchmark_writes_the_table(quick_run):
     text, results = quick_run
-    table = text[: text.index("Saved state:")]
+    table = text[text.index("## X by"): text.index("The same by")]
     rows = [line for line in table.splitlines() if line.startswith("| tiny (")]
     assert len(rows) == len(METHODS)
     for row, method in zip(rows, METHODS):  # one row per method, with its physical limit
         assert f"| {LABELS[method]} | {LIMITS[method]} |" in row, row
     assert "X = (T_attack − T_plain) / T_fwd+bwd" in text
-    assert "Machine:" in text and "torch" in text and "cores" in text
-    assert "Not measured: this run is on the CPU" in text or "ours under" in text
+    assert "Machine:" in text and "torch" in text and "cores" in text and "## Load" in text
     (res,) = results["models"]
-    assert results["args"]["clock"] == "cpu"  # --quick: one thread, process CPU time
+    assert results["args"]["clock"] == "cpu" and results["machine"]["torch_threads"] == 1  # one thread, CPU time
     for clock in ("cpu", "wall"):
         for method in METHODS:
             for key in ("ref", "ours", "ours_minus_ref", "lightning", "lightning_minus_loop"):
-                x = res["X"][clock][method][key]
-                assert math.isfinite(x["value"]) and x["lo"] <= x["hi"]
+                _assert_spread(res["X"][clock][method][key])
         assert all(ms > 0 for ms in res["median_ms"][clock].values())
         assert {f"{side}_{m}" for m in METHODS for side in ("ref", "ours", "L")} <= set(res["median_ms"][clock])
     assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in ("fgm", "awp", "pgd") for side in ("ref", "ours")}
     assert all(ms > 0 for ms in res["arithmetic_ms"].values())
+
+
+def test_quick_benchmark_load_report(quick_run):
+    """The load detector's verdict and the signals it comes from, in the JSON and the Markdown."""
+    text, results = quick_run
+    load = results["models"][0]["load"]
+    assert load["verdict"] in ("quiet", "shared", "contaminated")
+    assert (load["verdict"] == "quiet") == (not load["reasons"])
+    assert f"**{load['verdict']}**" in text
+    assert 0 <= load["wait_fraction"] and 0 <= load["steps_over"] <= 1 and load["ratio_median"] > 0
+    assert len(load["loadavg_before"]) == len(load["loadavg_after"]) == 3
+    assert set(results["models"][0]["clean_rounds"]) <= {0, 1}
+    raw = results["models"][0]["steps_raw"]["plain"]
+    assert len(raw) == 2 and all(s["wall"] > 0 and s["cpu"] > 0 for r in raw for s in r)
+
+
+def test_quick_benchmark_counts_the_passes(quick_run):
+    """Load-free: every method runs exactly its number of passes beyond the clean one, in the loop and under
+    Lightning, and its matrix-multiply work stays within its limit (SMART's ascent pass stops at the embedding
+    output: less than a full backward)."""
+    _, results = quick_run
+    res = results["models"][0]
+    counts, flops = res["counts"], res["X_flops"]
+    assert counts["fwd_bwd"]["forwards"] == counts["plain"]["forwards"] == counts["L_plain"]["forwards"] == 1
     for method in METHODS:
-        bd = res["breakdown_ms"][f"L_{method}"]
-        # the method's work: run() after the clean backward, before_backward() before it (R3F, SMART: their passes)
-        assert bd["hooks"] >= bd["method"] >= bd["pass"] > bd["forward"] > 0
-        assert bd["method"] >= bd["backward"] >= bd["autograd"] > 0
-        assert bd["hooks"] >= bd["engine"] >= bd["attack"]
-        assert bd["record"] > 0 and bd["batch_start"] > 0
-        if method in ("r3f", "smart"):  # every pass runs between the clean forward and its backward
-            assert bd["prepass"] >= bd["pass"] and bd["other"] >= 0  # in on_before_backward, outside the engine
+        limit = float(LIMITS[method])
+        for variant in (f"ours_{method}", f"L_{method}"):
+            assert counts[variant]["forwards"] - 1 == limit, (variant, counts[variant])
+            assert counts[variant]["backwards"] - 1 == limit, (variant, counts[variant])
+            assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
+            assert counts[variant]["py_calls"] > 0  # the engine ran
+    for method in ("fgm", "awp", "pgd", "freelb"):  # full backward passes: to the word-embedding weight
+        assert counts[f"ours_{method}"]["weight_backwards"] == 1 + float(LIMITS[method])
+    for method in METHODS:
+        phases = res["phases_ms"]["cpu"][f"L_{method}"]
+        assert phases["forward_calls"] == phases["backward_calls"] == 1
+        assert phases["adv_forward_calls"] == float(LIMITS[method])
+        assert phases["adv_backward_calls"] == (1 if method == "smart" else float(LIMITS[method]))  # ascent: autograd.grad
+        assert phases["total"] >= phases["forward"] + phases["adv_forward"] > 0
 
 
 def test_quick_benchmark_saved_state(quick_run):
