@@ -59,16 +59,18 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
             assert report[name]["fsdp"]["embedding_moved"] == report[name]["single"]["embedding_moved"] == 0.0, name
         else:
             assert report[name]["fsdp"]["embedding_moved"] > 0, name
-    for name in ("none_k2", "freelb2_k2", "r3f_k2", "smart2_k2"):  # bf16-mixed: FSDP's bf16 parameters vs autocast
+    for name in ("none_k2", "freelb2_k2", "r3f_k2", "neftune_k2"):  # bf16-mixed: FSDP's bf16 parameters vs autocast
         single, fsdp = (torch.tensor(report["bf16_" + name][k]["weights"]) for k in ("single", "fsdp"))
         assert bool(torch.isfinite(fsdp).all()), name
-        assert float((single - fsdp).abs().max()) < 1e-2, name  # as plain training differs (README: 3e-3)
+        # as plain training differs (README: 3e-3); NEFTune's noise (0.79 at this model's size) is rounded to bf16 too
+        assert float((single - fsdp).abs().max()) < (2e-2 if name == "neftune_k2" else 1e-2), name
         if name != "none_k2":
             assert report["bf16_" + name]["fsdp"]["attacks"] == [16], name
     refused = report["refused"]
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
     assert refused["RobustAccuracy"].startswith("RobustAccuracy does not support FSDPStrategy"), refused["RobustAccuracy"]
+    assert refused["SMARTCallback_bf16"].startswith("SMARTCallback under FSDPStrategy needs precision='32-true'"), refused
     # the reason: with the refusal lifted, the FSDP-wrapped encoder layers lose their registered parameters
     lifted = report["robust_lifted"]
     assert lifted["plain"] == 6930 and lifted["robust"] < lifted["plain"], lifted

@@ -49,6 +49,9 @@ class AdversarialCallback(Callback):
     #: whether, under FSDP with several processes, it also runs with gradient accumulation (FreeLB, R3F; SMART's
     #: ascent copies ``.grad`` aside, and between micro-batches sharded FSDP holds ``.grad`` unsharded and unreduced)
     supports_fsdp_accumulation: bool = False
+    #: whether, under FSDP, it also runs with mixed precision (SMART's ascent takes a backward of its own before the
+    #: clean one, after which FSDP frees the low-precision parameters the clean pass's graph still needs)
+    supports_fsdp_mixed_precision: bool = True
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0, seed: Optional[int] = None) -> None:
         owner = type(self).__name__
@@ -163,6 +166,13 @@ class AdversarialCallback(Callback):
                     f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches sharded FSDP "
                     "holds `.grad` unsharded and unreduced, which the ascent cannot copy aside. Use a larger batch, "
                     "FreeLBCallback or R3FCallback, DDP ('ddp'), or FSDP on one device."
+                )
+            if "mixed" in str(trainer.precision) and not self.supports_fsdp_mixed_precision:
+                raise ValueError(
+                    f"{owner} under FSDPStrategy needs precision='32-true' (got {trainer.precision!r}): its ascent takes a "
+                    "backward of its own before the clean one, after which FSDP frees the low-precision parameters that "
+                    "the clean pass's graph still needs (seen on an H200: 'setStorage: ... storage of size 0'). Use "
+                    "'32-true', R3FCallback or FreeLBCallback, or DDP ('ddp')."
                 )
             if not getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True):
                 raise ValueError(

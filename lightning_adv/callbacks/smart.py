@@ -54,6 +54,7 @@ class SMARTCallback(AdversarialCallback):
     """
 
     supports_fsdp = True  # perturbs the embedding output: tests/test_fsdp.py
+    supports_fsdp_mixed_precision = False  # its ascent's own backward: see AdversarialCallback
 
     def __init__(
         self,
