@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import TextModule, loader, make_data, trainer
+from helpers import LogitsText, TextModule, loader, make_data, trainer
 from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback, in_adversarial_pass
 
 
@@ -302,3 +302,75 @@ def test_fsdp_refuses_hidden_parameters():
         make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
         with pytest.raises(ValueError, match=r"needs FSDPStrategy\(use_orig_params=True\)"):
             make().setup(_fake_trainer_of(FSDPStrategy(use_orig_params=False)), TextModule(), "fit")
+
+
+# -- what a new user trips over (issue 21) ------------------------------------------------------------------------------
+def _fit_warnings(module, callbacks, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(callbacks=callbacks, **{"max_epochs": 1, **kwargs}).fit(module, loader(make_data(16)))
+    return [str(w.message) for w in record if "lightning_adv" in str(w.message) or "never attack" in str(w.message)]
+
+
+class EvalText(TextModule):
+    """A model left in eval mode, as transformers' from_pretrained returns it."""
+
+    def __init__(self, fix_in_on_fit_start: bool = False):
+        super().__init__()
+        self.model.eval()
+        self.fix = fix_in_on_fit_start
+
+    def on_fit_start(self):
+        if self.fix:
+            self.model.train()
+
+
+def test_model_in_eval_mode_is_warned_once_with_the_fix():
+    emb = "model.embeddings.word_embeddings"
+    messages = _fit_warnings(EvalText(), [FGMCallback(), FreeLBCallback(embedding=emb)])
+    eval_mode = [m for m in messages if "eval mode" in m]
+    assert len(eval_mode) == 1, messages  # once per fit, for all callbacks
+    assert "self.model (TinyText, attacked by FGMCallback, FreeLBCallback) is in eval mode" in eval_mode[0]
+    assert "Call `self.model.train()` after loading the model" in eval_mode[0]
+    # the fix in the module's on_fit_start (it runs after the callbacks' on_fit_start) is seen: no warning
+    assert not [m for m in _fit_warnings(EvalText(fix_in_on_fit_start=True), [FGMCallback()]) if "eval mode" in m]
+    assert not [m for m in _fit_warnings(LogitsText(), [R3FCallback(embedding=emb)]) if "eval mode" in m]
+
+
+def test_only_the_attacked_part_is_checked():
+    class HeadInEval(TextModule):
+        def on_fit_start(self):
+            self.model.head.eval()  # not on the way to the embedding
+
+    assert not [m for m in _fit_warnings(HeadInEval(), [FGMCallback()]) if "eval mode" in m]
+    class EmbeddingsInEval(TextModule):
+        def on_fit_start(self):
+            self.model.embeddings.eval()
+
+    (message,) = [m for m in _fit_warnings(EmbeddingsInEval(), [FGMCallback()]) if "eval mode" in m]
+    assert "self.model.embeddings (Module, attacked by FGMCallback)" in message and "`self.model.embeddings.train()`" in message
+
+
+@pytest.mark.parametrize(
+    "make, limits, expected",
+    [
+        (lambda: FGMCallback(start_epoch=1), dict(max_epochs=1), "FGMCallback(start_epoch=1) will never attack: this fit ends after max_epochs=1 (epochs 0, counted from 0)"),
+        (lambda: FreeLBCallback(start_epoch=3, embedding="model.embeddings.word_embeddings"), dict(max_epochs=2), "max_epochs=2 (epochs 0 to 1"),
+        (lambda: AWPCallback(start_step=3), dict(max_steps=3), "AWPCallback(start_step=3) will never attack: this fit ends after max_steps=3 (steps 0 to 2"),
+        (lambda: AWPCallback(start_step=8), dict(max_epochs=2), "AWPCallback(start_step=8) will never attack: this fit ends after 8 optimizer steps"),
+    ],
+)
+def test_an_attack_that_can_never_run_is_warned(make, limits, expected):
+    cb = make()
+    messages = _fit_warnings(TextModule(), [cb], **limits)
+    never = [m for m in messages if "never attack" in m]
+    assert len(never) == 1 and expected in never[0], messages
+    assert cb.attacks == 0
+
+
+def test_an_attack_that_runs_late_is_not_warned():
+    cb = AWPCallback(start_step=7, adv_eps=0.01)
+    assert not [m for m in _fit_warnings(TextModule(), [cb], max_epochs=2) if "never attack" in m]
+    assert cb.attacks == 1  # 8 steps (2 epochs of 4), step 7 attacked

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from lightning_adv.callbacks import compat
@@ -57,6 +57,7 @@ class AdversarialCallback(Callback):
         self._counts: Optional[torch.Tensor] = None  # [attacks, skipped] of this run, on the device
         self._restored = [0, 0]
         self._epoch_loss: Optional[torch.Tensor] = None  # [sum, count] of this epoch's adversarial losses
+        self._never_warned = False
 
     # -- what a subclass provides ---------------------------------------------------------------------------
     def build_method(self, pl_module: torch.nn.Module) -> Method:
@@ -165,8 +166,42 @@ class AdversarialCallback(Callback):
             raise ValueError(f"{type(self).__name__}: {err}") from None
         when = f"from epoch {self.start_epoch}" + (f" and step {self.start_step}" if self.start_step else "")
         rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, {when}.")
+        self._never_warned = self._warn_if_never(trainer, steps=None)
         if self._leads(trainer):
             coordinator_of(trainer).start_fit(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the LightningModule's own on_fit_start (where a model may be put in train mode) and the data set-up
+        if not self._never_warned:
+            self._warn_if_never(trainer, steps=_total_steps(trainer))
+        if self._leads(trainer):
+            warn_eval_mode(pl_module, adversarial_callbacks(trainer))
+
+    def _warn_if_never(self, trainer: Trainer, steps: Optional[float]) -> bool:
+        """Warn (once) when this fit ends before ``start_epoch`` or ``start_step``: the callback would never attack.
+        ``steps``: the fit's total optimizer steps when known (at ``on_train_start``), else only ``max_steps``."""
+        owner = type(self).__name__
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
+            rank_zero_warn(
+                f"{owner}(start_epoch={self.start_epoch}) will never attack: this fit ends after max_epochs={max_epochs} "
+                f"(epochs {_count(max_epochs)}, counted from 0). Lower start_epoch (0 attacks from the first epoch) or "
+                "raise max_epochs.",
+                category=UserWarning,
+            )
+            return True
+        limit = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        if steps is not None and (limit is None or steps < limit):
+            limit = steps
+        if limit is not None and self.start_step >= limit:
+            source = f"max_steps={trainer.max_steps}" if limit == trainer.max_steps else f"{int(limit)} optimizer steps"
+            rank_zero_warn(
+                f"{owner}(start_step={self.start_step}) will never attack: this fit ends after {source} (steps "
+                f"{_count(int(limit))}, counted from 0). Lower start_step or train longer.",
+                category=UserWarning,
+            )
+            return True
+        return False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._leads(trainer):
@@ -206,3 +241,59 @@ class AdversarialCallback(Callback):
     def _leads(self, trainer: Trainer) -> bool:
         group = adversarial_callbacks(trainer)
         return bool(group) and group[0] is self
+
+
+def _count(n: int) -> str:
+    return "none" if n <= 0 else ("0" if n == 1 else f"0 to {n - 1}")
+
+
+def _total_steps(trainer: Trainer) -> Optional[float]:
+    """The optimizer steps of the whole fit (Lightning's estimate; inf when unbounded), None if it cannot tell."""
+    try:
+        return float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - an estimate for a warning only: no estimate, no warning
+        return None
+
+
+def attacked_modules(method: Any) -> List[str]:
+    """Dotted paths (in the LightningModule) of the modules whose parameters or output ``method`` perturbs."""
+    if hasattr(method, "named_params"):
+        return sorted({name.rpartition(".")[0] for name, _ in method.named_params})
+    target = getattr(method, "target", None)
+    return [target.path] if target is not None and getattr(target, "path", None) is not None else []
+
+
+def warn_eval_mode(pl_module: torch.nn.Module, callbacks: List[Any]) -> List[str]:
+    """Warn once when a module that holds what the callbacks attack (the attacked module or a module above it, such
+    as a ``transformers`` model loaded with ``from_pretrained``, which returns it in eval mode) is in eval mode:
+    Lightning keeps the modes it finds, so dropout would be off for the whole fit. Returns the modules named."""
+    found: Dict[str, List[str]] = {}
+    for cb in callbacks:
+        for path in attacked_modules(cb.method):
+            parts = path.split(".") if path else []
+            for depth in range(len(parts) + 1):  # the LightningModule, then each module down to the attacked one
+                prefix = ".".join(parts[:depth])
+                try:
+                    module = pl_module.get_submodule(prefix)
+                except AttributeError:
+                    break
+                if not module.training:
+                    found.setdefault(prefix, []).append(type(cb).__name__)
+                    break  # the highest module in eval mode says it
+    if not found:
+        return []
+    named = []
+    for prefix, owners in found.items():
+        module = pl_module.get_submodule(prefix)
+        what = f"self.{prefix}" if prefix else "the LightningModule"
+        named.append(f"{what} ({type(module).__name__}, attacked by {', '.join(sorted(set(owners)))})")
+    fix = " and ".join(f"`self.{p}.train()`" if p else "`self.train()`" for p in found)
+    rank_zero_warn(
+        f"lightning_adv: {'; '.join(named)} {'is' if len(found) == 1 else 'are'} in eval mode at the start of training, "
+        "so dropout is off for the whole fit (Lightning keeps the modes it finds, and transformers' from_pretrained "
+        f"returns the model in eval mode): the attacks and the training see a model without dropout. Call {fix} after "
+        "loading the model (in __init__) or in the LightningModule's on_fit_start.",
+        category=UserWarning,
+    )
+    return list(found)
+
