@@ -122,7 +122,9 @@ class SmoothnessMethod(Method):
 
         self._hooks = [clean.loss.register_hook(capture), clean.logits.register_hook(join)]
         step.backward_with_clean((perturbed.to(z_clean.dtype).reshape(z_clean.shape) * g_perturbed).sum())
-        self._outcome = Outcome(value.detach(), ~valid)
+        # a divergence is >= 0, but its float32 sum over two nearly equal distributions can round to -1e-8: the value
+        # reported (logged) is clamped at 0; the gradient above is the exact one
+        self._outcome = Outcome(value.detach().clamp_min(0), ~valid)
 
     def run(self, step: AttackStep) -> Outcome:
         if not self._joined:
