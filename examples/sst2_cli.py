@@ -10,7 +10,7 @@ sample committed in ``examples/data/sst2_sample/``. Examples (from the repositor
     python examples/sst2_cli.py fit --trainer.callbacks+=FGMCallback --trainer.callbacks.epsilon=0.5
     python examples/sst2_cli.py fit --help
 
-``fit`` trains (validation accuracy and accuracy under attack, ``val_acc`` / ``val_robust_acc``, after each
+``fit`` trains (validation accuracy and accuracy under attack, ``val_acc`` / ``val_robust_acc@<eps>``, after each
 epoch; the checkpoint with the best ``val_acc`` is kept), then tests that checkpoint and prints one summary line
 with the clean and robust test accuracy (``--test_after_fit false`` to skip). ``test --ckpt_path PATH`` tests a
 checkpoint.

@@ -374,3 +374,44 @@ def test_an_attack_that_runs_late_is_not_warned():
     cb = AWPCallback(start_step=7, adv_eps=0.01)
     assert not [m for m in _fit_warnings(TextModule(), [cb], max_epochs=2) if "never attack" in m]
     assert cb.attacks == 1  # 8 steps (2 epochs of 4), step 7 attacked
+
+
+def _rendered(bar) -> str:
+    """What the bar shows after its last update (tqdm's postfix; Rich's metrics column)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    if isinstance(bar, TQDMProgressBar):
+        return bar.train_progress_bar.postfix
+    return " ".join(bar._metric_component._generate_metrics_texts())
+
+
+@pytest.mark.parametrize("kind", ["tqdm", "rich"])
+def test_progress_bar_shows_small_adversarial_losses_readably(kind):
+    """Lightning's bars print three decimals (Rich: `.3f`): a divergence of 1e-7 showed as 0.000 (issue 21, point 2)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = TQDMProgressBar() if kind == "tqdm" else RichProgressBar()
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            shown = trainer.progress_bar_callback.get_metrics(trainer, pl_module)
+            seen.append((trainer.progress_bar_metrics["adv/r3f_loss"], shown["adv/r3f_loss"], shown["tiny"],
+                         _rendered(trainer.progress_bar_callback)))
+
+    class Tiny(LogitsText):
+        def training_step(self, batch, batch_idx):
+            self.log("tiny", 1e-7, prog_bar=True)  # a key of the module's own
+            return super().training_step(batch, batch_idx)
+
+    module = Tiny()
+    t = trainer(callbacks=[R3FCallback(eps=1e-2, embedding="model.embeddings.word_embeddings"), bar, Look()],
+                enable_progress_bar=True, max_epochs=1)
+    t.fit(module, loader(make_data(16)))
+    assert len(seen) == 4
+    for value, shown, tiny, rendered in seen:
+        assert 0 < value < 1e-3 and isinstance(value, float)  # the value itself is unchanged
+        assert shown == f"{value:.2e}" and "e-" in shown  # e.g. '3.41e-07'
+        assert isinstance(tiny, float) and tiny == pytest.approx(1e-7)  # the module's own keys are left to the bar
+        assert f"adv/r3f_loss{'=' if kind == 'tqdm' else ': '}{shown}" in rendered, rendered
+    assert "get_metrics" not in vars(t.progress_bar_callback)  # the bar's own get_metrics back after fit

@@ -286,4 +286,4 @@ def test_cli_fit_really_attacks(tmp_path: Any) -> None:
     (robust,) = of_type(c.trainer.callbacks, RobustAccuracy)
     assert fgm.attacks == 3 and awp.attacks == 3 and fgm.skipped == 0
     assert robust.batches == 2
-    assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc"} <= set(c.trainer.callback_metrics)
+    assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc@1"} <= set(c.trainer.callback_metrics)

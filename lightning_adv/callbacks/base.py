@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
-from lightning_adv.callbacks import compat
+from lightning_adv.callbacks import compat, progress
 from lightning_adv.callbacks.coordinator import adversarial_callbacks, coordinator_of
 from lightning_adv.core.checks import NonNegativeInt, check_int
 from lightning_adv.core.method import Method
@@ -117,6 +117,7 @@ class AdversarialCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        progress.install(trainer)  # small adversarial losses in scientific notation on the bar
         owner = type(self).__name__
         names = [c.__name__ for c in type(trainer.strategy).__mro__]  # by name: also `pytorch_lightning` strategies
         if compat.is_fsdp(trainer):
@@ -158,6 +159,9 @@ class AdversarialCallback(Callback):
         keys = [cb.state_key for cb in adversarial_callbacks(trainer)]
         if keys.count(self.state_key) > 1:
             raise ValueError(f"{owner}: two callbacks attack the same target ({self.state_key}); keep one of them.")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        progress.uninstall(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         try:
@@ -222,6 +226,7 @@ class AdversarialCallback(Callback):
             coordinator.warn_unused_mixin(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        progress.uninstall(trainer)
         if self._leads(trainer):
             coordinator_of(trainer).close()
 
