@@ -415,3 +415,78 @@ def test_progress_bar_shows_small_adversarial_losses_readably(kind):
         assert isinstance(tiny, float) and tiny == pytest.approx(1e-7)  # the module's own keys are left to the bar
         assert f"adv/r3f_loss{'=' if kind == 'tqdm' else ': '}{shown}" in rendered, rendered
     assert "get_metrics" not in vars(t.progress_bar_callback)  # the bar's own get_metrics back after fit
+
+
+# -- the attack's own size (issue 21, point 10) -------------------------------------------------------------------------
+EMB_PATH = "model.embeddings.word_embeddings"
+
+
+class FirstStep(L.Callback):
+    """The step values of the attack-size keys after the first micro-batch."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.values:
+            self.values = {k: v.clone() for k, v in trainer.callback_metrics.items() if k.endswith(("_grad_norm", "_delta_norm"))}
+            self.bar = set(trainer.progress_bar_metrics)
+
+
+def _clean_grad_norm(module, names):
+    ids, y = next(iter(loader(make_data(16))))
+    model = copy.deepcopy(module.model)
+    nn.functional.cross_entropy(model(ids), y).backward()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for n, p in model.named_parameters() if any(s in n for s in names)])))
+
+
+@pytest.mark.parametrize(
+    "make, key, names",
+    [
+        (lambda: FGMCallback(epsilon=0.5), "adv/fgm_grad_norm", ["word_embeddings"]),
+        (lambda: PGDCallback(epsilon=0.5, alpha=0.2, steps=2), "adv/pgd_grad_norm", ["word_embeddings"]),
+        (lambda: AWPCallback(adv_eps=0.01), "adv/awp_grad_norm", ["weight"]),
+    ],
+)
+def test_weight_space_methods_log_the_clean_gradient_norm(make, key, names, tmp_path):
+    module, look = TextModule(), FirstStep()
+    expected = _clean_grad_norm(module, names)
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = trainer(callbacks=[make(), look], logger=CSVLogger(tmp_path), log_every_n_steps=1, max_epochs=1)
+    t.fit(module, loader(make_data(16)))
+    assert float(look.values[key]) == pytest.approx(expected, rel=1e-5)
+    assert key not in look.bar  # off the progress bar
+    import csv
+
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
+    assert len(rows) == 4 and float(rows[0][key]) == pytest.approx(expected, rel=1e-5)  # every step, to the logger
+
+
+def test_gradient_norm_has_the_grad_scaler_scale_removed():
+    expected = _clean_grad_norm(TextModule(), ["word_embeddings"])
+    look = FirstStep()
+    t = trainer(callbacks=[FGMCallback(epsilon=0.5), look], plugins=[MixedPrecision("16-mixed", "cpu")], max_epochs=1)
+    t.fit(TextModule(), loader(make_data(16)))
+    assert t.precision_plugin.scaler.get_scale() == 65536.0
+    assert float(look.values["adv/fgm_grad_norm"]) == pytest.approx(expected, rel=1e-2)  # fp16, not 65536 times larger
+
+
+@pytest.mark.parametrize(
+    "make, key, expected",
+    [
+        # FreeLB from delta0 = 0 with one ascent step: delta = adv_lr * g / ||g|| per example, so every norm is adv_lr
+        (lambda: FreeLBCallback(adv_lr=0.3, adv_steps=1, adv_init_mag=0.0, embedding=EMB_PATH), "adv/freelb_delta_norm", lambda v: v == pytest.approx(0.3, rel=1e-5)),
+        # SMART, norm l2: each of the 5 tokens normalised to norm 1 (the guard made negligible): sqrt(5) per example
+        (lambda: SMARTCallback(norm="l2", noise_var=1e-2, epsilon=1e-12, embedding=EMB_PATH), "adv/smart_delta_norm", lambda v: v == pytest.approx(5 ** 0.5, rel=1e-4)),
+        # R3F, uniform noise in [-eps, eps] on 5 tokens x 8 hidden: 0 < norm <= eps * sqrt(40), about eps * sqrt(40 / 3)
+        (lambda: R3FCallback(eps=1e-3, embedding=EMB_PATH), "adv/r3f_delta_norm", lambda v: 0.5e-3 * (40 / 3) ** 0.5 < v <= 1e-3 * 40 ** 0.5),
+    ],
+)
+def test_embedding_output_methods_log_the_perturbation_norm(make, key, expected):
+    look = FirstStep()
+    trainer(callbacks=[make(), look], max_epochs=1).fit(LogitsText(), loader(make_data(16)))
+    value = float(look.values[key])
+    assert expected(value), value
+    assert key not in look.bar

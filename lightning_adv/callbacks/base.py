@@ -36,6 +36,10 @@ class AdversarialCallback(Callback):
 
     * ``adv/<name>_loss`` every attacked step, on the progress bar: the loss of the last adversarial pass (SMART,
       R3F: the divergence they add), as returned by the step (before the division by ``accumulate_grad_batches``);
+    * ``adv/<name>_grad_norm`` (FGM, PGD, AWP) or ``adv/<name>_delta_norm`` (FreeLB, SMART, R3F) every attacked
+      step, to the loggers only: the attack's own size (the L2 norm of the clean gradient of the attacked parameters
+      that the direction came from, the GradScaler's scale removed; or the mean over the examples of the L2 norm of
+      each example's perturbation of the embedding output), to see what the magnitude arguments mean for the model;
     * at the end of every epoch in which it attacked: ``adv/<name>_loss_epoch`` (the mean of that epoch's
       ``adv/<name>_loss``), and the running totals over the run (resumes included) ``adv/<name>_attacks`` (attacked
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
@@ -112,6 +116,21 @@ class AdversarialCallback(Callback):
             loss = outcome.loss.detach().float()
             self._epoch_loss += torch.stack([loss, torch.ones_like(loss)])
             pl_module.log(f"adv/{self._name()}_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self._log_stats(pl_module)
+
+    def _log_stats(self, pl_module: LightningModule) -> None:
+        """The attack's own size, for the loggers only: ``adv/<name>_grad_norm`` (FGM, PGD, AWP: the clean gradient
+        norm the direction came from, the GradScaler's scale removed) or ``adv/<name>_delta_norm`` (FreeLB, SMART,
+        R3F: the mean per-example L2 norm of the perturbation of the embedding output). Tensors: no sync."""
+        stats = getattr(self.method, "stats", None)
+        if not stats:
+            return
+        scale = compat.scale_of(pl_module.trainer)
+        for key, value in stats.items():
+            if key == "grad_norm" and scale is not None:
+                value = value / scale.to(value.device)
+            pl_module.log(f"adv/{self._name()}_{key}", value.float(), on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        stats.clear()
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
