@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_adv  # noqa: E402,F401  (registers FGMCallback / AWPCallback as short callback names)
 from lightning_adv.callbacks.robust import RobustAccuracy  # noqa: E402
+from lightning_adv.cli import AdversarialArgumentParser  # noqa: E402
 from lightning_adv.core.robust import epsilon_key  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -309,6 +310,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True, **kwargs: Any) 
         precision="32-true",
     )
     defaults.update(kwargs.pop("trainer_defaults", {}))
+    kwargs.setdefault("parser_class", AdversarialArgumentParser)  # "did you mean" for misspelled callbacks and arguments
     return SST2CLI(
         SentenceClassifier,
         TSVDataModule,

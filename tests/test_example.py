@@ -102,3 +102,11 @@ def test_demo_prints_the_side_by_side_table(tmp_path: Any) -> None:
     assert "no attack" in out and "R3F eps=1e-5" in out and "robust test accuracy @0.125" in out, out[-2000:]
     assert "clean test accuracy" in out and "time per training step" in out
     assert "Tip:" not in proc.stdout + proc.stderr  # quiet: Lightning's tips are dropped
+
+
+def test_example_cli_says_did_you_mean(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.setattr(sys, "argv", ["sst2_cli.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        sst2_cli.cli_main(args=["fit", "--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilonn=0.5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == "did you mean 'epsilon'? FGMCallback takes: epsilon, emb_name, start_epoch"
