@@ -19,7 +19,6 @@ comparison of the methods, over seeds, is ``benchmarks/results/sst2.md``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -106,7 +105,7 @@ def train_and_test(args: argparse.Namespace, attack_name: Optional[str]) -> Dict
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    quiet()
+    quiet(banner=False)  # no device banner; lightning_adv's one line saying what is attacked is kept
     start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -115,7 +114,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device banner
     _methods()
     results = [train_and_test(args, None), train_and_test(args, args.method)]
     base = results[0]

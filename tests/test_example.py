@@ -102,6 +102,11 @@ def test_demo_prints_the_side_by_side_table(tmp_path: Any) -> None:
     assert "no attack" in out and "R3F eps=1e-5" in out and "robust test accuracy @0.125" in out, out[-2000:]
     assert "clean test accuracy" in out and "time per training step" in out
     assert "Tip:" not in proc.stdout + proc.stderr  # quiet: Lightning's tips are dropped
+    everything = proc.stdout + proc.stderr
+    # the library's one line saying what is attacked is shown (issue 21, point 7); Lightning's device banner is not
+    assert everything.count("R3FCallback attacks the output of model.bert.embeddings.word_embeddings, from epoch 0.") == 1
+    assert "GPU available" not in everything
+    assert "eval mode" not in everything  # SentenceClassifier puts the pretrained model in train mode
 
 
 def test_example_cli_says_did_you_mean(monkeypatch: Any, capsys: Any) -> None:
