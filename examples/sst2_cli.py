@@ -5,7 +5,8 @@ sample committed in ``examples/data/sst2_sample/``. Examples (from the repositor
 
     python examples/sst2_cli.py fit --config examples/configs/none.yaml
     python examples/sst2_cli.py fit --config examples/configs/fgm.yaml
-    python examples/sst2_cli.py fit --config examples/configs/awp.yaml --data.data_dir ../shared/data/sst2/ \\
+    python examples/get_sst2.py         # once, with network access: the full SST-2 into examples/data/sst2/
+    python examples/sst2_cli.py fit --config examples/configs/awp.yaml --data.data_dir examples/data/sst2 \\
         --data.train_subset 10000
     python examples/sst2_cli.py fit --trainer.callbacks+=FGMCallback --trainer.callbacks.epsilon=0.5
     python examples/sst2_cli.py fit --help

@@ -3,7 +3,7 @@ training, offline on CPU, and compare them side by side.
 
     python examples/sst2_demo.py                     # no attack vs FGM
     python examples/sst2_demo.py --method smart      # or fgm, pgd, freelb, awp, r3f
-    python examples/sst2_demo.py --data_dir ../shared/data/sst2/ --train_subset 8000    # the full SST-2
+    python examples/sst2_demo.py --data_dir examples/data/sst2 --train_subset 8000  # the full SST-2 (get_sst2.py)
 
 Each model trains for one epoch on the 2,000 training sentences of ``examples/data/sst2_sample/`` (batch 32, AdamW
 lr 1e-4, ``SentenceClassifier`` and ``TSVDataModule`` of ``sst2_cli.py``) with a progress bar; then both are tested
