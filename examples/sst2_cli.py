@@ -5,12 +5,13 @@ sample committed in ``examples/data/sst2_sample/``. Examples (from the repositor
 
     python examples/sst2_cli.py fit --config examples/configs/none.yaml
     python examples/sst2_cli.py fit --config examples/configs/fgm.yaml
-    python examples/sst2_cli.py fit --config examples/configs/awp.yaml --data.data_dir ../shared/data/sst2/ \\
+    python examples/get_sst2.py         # once, with network access: the full SST-2 into examples/data/sst2/
+    python examples/sst2_cli.py fit --config examples/configs/awp.yaml --data.data_dir examples/data/sst2 \\
         --data.train_subset 10000
     python examples/sst2_cli.py fit --trainer.callbacks+=FGMCallback --trainer.callbacks.epsilon=0.5
     python examples/sst2_cli.py fit --help
 
-``fit`` trains (validation accuracy and accuracy under attack, ``val_acc`` / ``val_robust_acc``, after each
+``fit`` trains (validation accuracy and accuracy under attack, ``val_acc`` / ``val_robust_acc@<eps>``, after each
 epoch; the checkpoint with the best ``val_acc`` is kept), then tests that checkpoint and prints one summary line
 with the clean and robust test accuracy (``--test_after_fit false`` to skip). ``test --ckpt_path PATH`` tests a
 checkpoint.
@@ -40,6 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 import lightning_adv  # noqa: E402,F401  (registers FGMCallback / AWPCallback as short callback names)
 from lightning_adv.callbacks.robust import RobustAccuracy  # noqa: E402
+from lightning_adv.cli import AdversarialArgumentParser  # noqa: E402
 from lightning_adv.core.robust import epsilon_key  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -309,6 +311,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True, **kwargs: Any) 
         precision="32-true",
     )
     defaults.update(kwargs.pop("trainer_defaults", {}))
+    kwargs.setdefault("parser_class", AdversarialArgumentParser)  # "did you mean" for misspelled callbacks and arguments
     return SST2CLI(
         SentenceClassifier,
         TSVDataModule,

@@ -3,7 +3,7 @@ training, offline on CPU, and compare them side by side.
 
     python examples/sst2_demo.py                     # no attack vs FGM
     python examples/sst2_demo.py --method smart      # or fgm, pgd, freelb, awp, r3f
-    python examples/sst2_demo.py --data_dir ../shared/data/sst2/ --train_subset 8000    # the full SST-2
+    python examples/sst2_demo.py --data_dir examples/data/sst2 --train_subset 8000  # the full SST-2 (get_sst2.py)
 
 Each model trains for one epoch on the 2,000 training sentences of ``examples/data/sst2_sample/`` (batch 32, AdamW
 lr 1e-4, ``SentenceClassifier`` and ``TSVDataModule`` of ``sst2_cli.py``) with a progress bar; then both are tested
@@ -19,7 +19,6 @@ comparison of the methods, over seeds, is ``benchmarks/results/sst2.md``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -106,7 +105,7 @@ def train_and_test(args: argparse.Namespace, attack_name: Optional[str]) -> Dict
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    quiet()
+    quiet(banner=False)  # no device banner; lightning_adv's one line saying what is attacked is kept
     start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -115,7 +114,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device banner
     _methods()
     results = [train_and_test(args, None), train_and_test(args, args.method)]
     base = results[0]

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import TextModule, loader, make_data, trainer
+from helpers import LogitsText, TextModule, loader, make_data, trainer
 from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback, in_adversarial_pass
 
 
@@ -302,3 +302,191 @@ def test_fsdp_refuses_hidden_parameters():
         make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
         with pytest.raises(ValueError, match=r"needs FSDPStrategy\(use_orig_params=True\)"):
             make().setup(_fake_trainer_of(FSDPStrategy(use_orig_params=False)), TextModule(), "fit")
+
+
+# -- what a new user trips over (issue 21) ------------------------------------------------------------------------------
+def _fit_warnings(module, callbacks, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(callbacks=callbacks, **{"max_epochs": 1, **kwargs}).fit(module, loader(make_data(16)))
+    return [str(w.message) for w in record if "lightning_adv" in str(w.message) or "never attack" in str(w.message)]
+
+
+class EvalText(TextModule):
+    """A model left in eval mode, as transformers' from_pretrained returns it."""
+
+    def __init__(self, fix_in_on_fit_start: bool = False):
+        super().__init__()
+        self.model.eval()
+        self.fix = fix_in_on_fit_start
+
+    def on_fit_start(self):
+        if self.fix:
+            self.model.train()
+
+
+def test_model_in_eval_mode_is_warned_once_with_the_fix():
+    emb = "model.embeddings.word_embeddings"
+    messages = _fit_warnings(EvalText(), [FGMCallback(), FreeLBCallback(embedding=emb)])
+    eval_mode = [m for m in messages if "eval mode" in m]
+    assert len(eval_mode) == 1, messages  # once per fit, for all callbacks
+    assert "self.model (TinyText, attacked by FGMCallback, FreeLBCallback) is in eval mode" in eval_mode[0]
+    assert "Call `self.model.train()` after loading the model" in eval_mode[0]
+    # the fix in the module's on_fit_start (it runs after the callbacks' on_fit_start) is seen: no warning
+    assert not [m for m in _fit_warnings(EvalText(fix_in_on_fit_start=True), [FGMCallback()]) if "eval mode" in m]
+    assert not [m for m in _fit_warnings(LogitsText(), [R3FCallback(embedding=emb)]) if "eval mode" in m]
+
+
+def test_only_the_attacked_part_is_checked():
+    class HeadInEval(TextModule):
+        def on_fit_start(self):
+            self.model.head.eval()  # not on the way to the embedding
+
+    assert not [m for m in _fit_warnings(HeadInEval(), [FGMCallback()]) if "eval mode" in m]
+    class EmbeddingsInEval(TextModule):
+        def on_fit_start(self):
+            self.model.embeddings.eval()
+
+    (message,) = [m for m in _fit_warnings(EmbeddingsInEval(), [FGMCallback()]) if "eval mode" in m]
+    assert "self.model.embeddings (Module, attacked by FGMCallback)" in message and "`self.model.embeddings.train()`" in message
+
+
+@pytest.mark.parametrize(
+    "make, limits, expected",
+    [
+        (lambda: FGMCallback(start_epoch=1), dict(max_epochs=1), "FGMCallback(start_epoch=1) will never attack: this fit ends after max_epochs=1 (epochs 0, counted from 0)"),
+        (lambda: FreeLBCallback(start_epoch=3, embedding="model.embeddings.word_embeddings"), dict(max_epochs=2), "max_epochs=2 (epochs 0 to 1"),
+        (lambda: AWPCallback(start_step=3), dict(max_steps=3), "AWPCallback(start_step=3) will never attack: this fit ends after max_steps=3 (steps 0 to 2"),
+        (lambda: AWPCallback(start_step=8), dict(max_epochs=2), "AWPCallback(start_step=8) will never attack: this fit ends after 8 optimizer steps"),
+    ],
+)
+def test_an_attack_that_can_never_run_is_warned(make, limits, expected):
+    cb = make()
+    messages = _fit_warnings(TextModule(), [cb], **limits)
+    never = [m for m in messages if "never attack" in m]
+    assert len(never) == 1 and expected in never[0], messages
+    assert cb.attacks == 0
+
+
+def test_an_attack_that_runs_late_is_not_warned():
+    cb = AWPCallback(start_step=7, adv_eps=0.01)
+    assert not [m for m in _fit_warnings(TextModule(), [cb], max_epochs=2) if "never attack" in m]
+    assert cb.attacks == 1  # 8 steps (2 epochs of 4), step 7 attacked
+
+
+def _rendered(bar) -> str:
+    """What the bar shows after its last update (tqdm's postfix; Rich's metrics column)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    if isinstance(bar, TQDMProgressBar):
+        return bar.train_progress_bar.postfix
+    return " ".join(bar._metric_component._generate_metrics_texts())
+
+
+@pytest.mark.parametrize("kind", ["tqdm", "rich"])
+def test_progress_bar_shows_small_adversarial_losses_readably(kind):
+    """Lightning's bars print three decimals (Rich: `.3f`): a divergence of 1e-7 showed as 0.000 (issue 21, point 2)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = TQDMProgressBar() if kind == "tqdm" else RichProgressBar()
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            shown = trainer.progress_bar_callback.get_metrics(trainer, pl_module)
+            seen.append((trainer.progress_bar_metrics["adv/r3f_loss"], shown["adv/r3f_loss"], shown["tiny"],
+                         _rendered(trainer.progress_bar_callback)))
+
+    class Tiny(LogitsText):
+        def training_step(self, batch, batch_idx):
+            self.log("tiny", 1e-7, prog_bar=True)  # a key of the module's own
+            return super().training_step(batch, batch_idx)
+
+    module = Tiny()
+    t = trainer(callbacks=[R3FCallback(eps=1e-2, embedding="model.embeddings.word_embeddings"), bar, Look()],
+                enable_progress_bar=True, max_epochs=1)
+    t.fit(module, loader(make_data(16)))
+    assert len(seen) == 4
+    for value, shown, tiny, rendered in seen:
+        assert 0 < value < 1e-3 and isinstance(value, float)  # the value itself is unchanged
+        assert shown == f"{value:.2e}" and "e-" in shown  # e.g. '3.41e-07'
+        assert isinstance(tiny, float) and tiny == pytest.approx(1e-7)  # the module's own keys are left to the bar
+        assert f"adv/r3f_loss{'=' if kind == 'tqdm' else ': '}{shown}" in rendered, rendered
+    assert "get_metrics" not in vars(t.progress_bar_callback)  # the bar's own get_metrics back after fit
+
+
+# -- the attack's own size (issue 21, point 10) -------------------------------------------------------------------------
+EMB_PATH = "model.embeddings.word_embeddings"
+
+
+class FirstStep(L.Callback):
+    """The step values of the attack-size keys after the first micro-batch."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.values:
+            self.values = {k: v.clone() for k, v in trainer.callback_metrics.items() if k.endswith(("_grad_norm", "_delta_norm"))}
+            self.bar = set(trainer.progress_bar_metrics)
+
+
+def _clean_grad_norm(module, names):
+    ids, y = next(iter(loader(make_data(16))))
+    model = copy.deepcopy(module.model)
+    nn.functional.cross_entropy(model(ids), y).backward()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for n, p in model.named_parameters() if any(s in n for s in names)])))
+
+
+@pytest.mark.parametrize(
+    "make, key, names",
+    [
+        (lambda: FGMCallback(epsilon=0.5), "adv/fgm_grad_norm", ["word_embeddings"]),
+        (lambda: PGDCallback(epsilon=0.5, alpha=0.2, steps=2), "adv/pgd_grad_norm", ["word_embeddings"]),
+        (lambda: AWPCallback(adv_eps=0.01), "adv/awp_grad_norm", ["weight"]),
+    ],
+)
+def test_weight_space_methods_log_the_clean_gradient_norm(make, key, names, tmp_path):
+    module, look = TextModule(), FirstStep()
+    expected = _clean_grad_norm(module, names)
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = trainer(callbacks=[make(), look], logger=CSVLogger(tmp_path), log_every_n_steps=1, max_epochs=1)
+    t.fit(module, loader(make_data(16)))
+    assert float(look.values[key]) == pytest.approx(expected, rel=1e-5)
+    assert key not in look.bar  # off the progress bar
+    import csv
+
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
+    assert len(rows) == 4 and float(rows[0][key]) == pytest.approx(expected, rel=1e-5)  # every step, to the logger
+
+
+def test_gradient_norm_has_the_grad_scaler_scale_removed():
+    expected = _clean_grad_norm(TextModule(), ["word_embeddings"])
+    look = FirstStep()
+    t = trainer(callbacks=[FGMCallback(epsilon=0.5), look], plugins=[MixedPrecision("16-mixed", "cpu")], max_epochs=1)
+    t.fit(TextModule(), loader(make_data(16)))
+    assert t.precision_plugin.scaler.get_scale() == 65536.0
+    assert float(look.values["adv/fgm_grad_norm"]) == pytest.approx(expected, rel=1e-2)  # fp16, not 65536 times larger
+
+
+@pytest.mark.parametrize(
+    "make, key, expected",
+    [
+        # FreeLB from delta0 = 0 with one ascent step: delta = adv_lr * g / ||g|| per example, so every norm is adv_lr
+        (lambda: FreeLBCallback(adv_lr=0.3, adv_steps=1, adv_init_mag=0.0, embedding=EMB_PATH), "adv/freelb_delta_norm", lambda v: v == pytest.approx(0.3, rel=1e-5)),
+        # SMART, norm l2: each of the 5 tokens normalised to norm 1 (the guard made negligible): sqrt(5) per example
+        (lambda: SMARTCallback(norm="l2", noise_var=1e-2, epsilon=1e-12, embedding=EMB_PATH), "adv/smart_delta_norm", lambda v: v == pytest.approx(5 ** 0.5, rel=1e-4)),
+        # R3F, uniform noise in [-eps, eps] on 5 tokens x 8 hidden: 0 < norm <= eps * sqrt(40), about eps * sqrt(40 / 3)
+        (lambda: R3FCallback(eps=1e-3, embedding=EMB_PATH), "adv/r3f_delta_norm", lambda v: 0.5e-3 * (40 / 3) ** 0.5 < v <= 1e-3 * 40 ** 0.5),
+    ],
+)
+def test_embedding_output_methods_log_the_perturbation_norm(make, key, expected):
+    look = FirstStep()
+    trainer(callbacks=[make(), look], max_epochs=1).fit(LogitsText(), loader(make_data(16)))
+    value = float(look.values[key])
+    assert expected(value), value
+    assert key not in look.bar

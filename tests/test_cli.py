@@ -286,4 +286,68 @@ def test_cli_fit_really_attacks(tmp_path: Any) -> None:
     (robust,) = of_type(c.trainer.callbacks, RobustAccuracy)
     assert fgm.attacks == 3 and awp.attacks == 3 and fgm.skipped == 0
     assert robust.batches == 2
-    assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc"} <= set(c.trainer.callback_metrics)
+    assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc@1"} <= set(c.trainer.callback_metrics)
+
+
+# -- "did you mean" (issue 21, point 9) --------------------------------------------------------------------------------
+CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback)"
+
+
+@pytest.mark.parametrize(
+    "flags, hint",
+    [
+        (["--trainer.callbacks+=FGMCalback"], f"did you mean lightning_adv.FGMCallback? {CALLBACKS}"),
+        (["--trainer.callbacks+=lightning_adv.SMARTCalback"], f"did you mean lightning_adv.SMARTCallback? {CALLBACKS}"),
+        (["--trainer.callbacks+=lightning_adv.Nothing"], f"lightning_adv.Nothing is not a lightning_adv class {CALLBACKS}"),
+        (["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilonn=0.5"],
+         "did you mean 'epsilon'? FGMCallback takes: epsilon, emb_name, start_epoch, start_step"),
+        (["--trainer.callbacks+=RobustAccuracy", "--trainer.callbacks.num_class=3"],
+         "did you mean 'num_classes'? RobustAccuracy takes: epsilon, norm_type, steps, step_size, random_start, num_classes, "
+         "embedding, seed, validate, test, prog_bar"),
+        (["--trainer.callbacks+=AWPCallback", "--trainer.callbacks.zzz=1"],
+         "'zzz' is not an argument of AWPCallback; AWPCallback takes: adv_param, adv_lr, adv_eps, start_epoch, adv_step, start_step"),
+    ],
+)
+def test_misspelled_callback_or_argument_gets_a_did_you_mean_line(flags: List[str], hint: str, capsys: Any) -> None:
+    from lightning_adv.cli import AdversarialArgumentParser
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(flags, parser_class=AdversarialArgumentParser)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1] == hint, err[-800:]
+    with pytest.raises(SystemExit):  # Lightning's own parser: jsonargparse's message, without the line
+        cli(flags)
+    plain = capsys.readouterr().err
+    assert hint not in plain and plain.rstrip().splitlines()[-1] == err.rstrip().splitlines()[-2]
+
+
+def test_did_you_mean_in_yaml_subcommands_and_class_flags(tmp_path: Any, capsys: Any) -> None:
+    from lightning_adv.cli import AdversarialArgumentParser
+
+    class WithRobust(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_lightning_class_args(RobustAccuracy, "robust")
+
+    config = tmp_path / "typo.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lightning_adv.FGMCallback\n      init_args: {epsilonn: 0.5}\n")
+    for args, hint in [
+        (["fit", f"--config={config}"], "did you mean 'epsilon'? FGMCallback takes: epsilon, emb_name, start_epoch, start_step"),
+        (["fit", "--trainer.callbacks+=FreeLBCalback"], f"did you mean lightning_adv.FreeLBCallback? {CALLBACKS}"),
+        (["validate", "--robust.epsilonn=1"], "did you mean --robust.epsilon?"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            WithRobust(CLIModel, CLIData, args=args + QUIET, parser_class=AdversarialArgumentParser, save_config_callback=None)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.rstrip().splitlines()[-1] == hint, args
+
+
+def test_errors_with_nothing_to_suggest_are_unchanged(capsys: Any) -> None:
+    from lightning_adv.cli import AdversarialArgumentParser
+
+    with pytest.raises(SystemExit):
+        cli(["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilon=abc"], parser_class=AdversarialArgumentParser)
+    ours = capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilon=abc"])
+    assert ours == capsys.readouterr().err and "epsilon" in ours

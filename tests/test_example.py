@@ -102,3 +102,90 @@ def test_demo_prints_the_side_by_side_table(tmp_path: Any) -> None:
     assert "no attack" in out and "R3F eps=1e-5" in out and "robust test accuracy @0.125" in out, out[-2000:]
     assert "clean test accuracy" in out and "time per training step" in out
     assert "Tip:" not in proc.stdout + proc.stderr  # quiet: Lightning's tips are dropped
+    everything = proc.stdout + proc.stderr
+    # the library's one line saying what is attacked is shown (issue 21, point 7); Lightning's device banner is not
+    assert everything.count("R3FCallback attacks the output of model.bert.embeddings.word_embeddings, from epoch 0.") == 1
+    assert "GPU available" not in everything
+    assert "eval mode" not in everything  # SentenceClassifier puts the pretrained model in train mode
+
+
+def test_example_cli_says_did_you_mean(monkeypatch: Any, capsys: Any) -> None:
+    monkeypatch.setattr(sys, "argv", ["sst2_cli.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        sst2_cli.cli_main(args=["fit", "--trainer.callbacks+=FGMCallback", "--trainer.callbacks.epsilonn=0.5"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == "did you mean 'epsilon'? FGMCallback takes: epsilon, emb_name, start_epoch, start_step"
+
+
+# -- the full SST-2 for users: examples/get_sst2.py (issue 21, point 5; no network in tests) ----------------------------
+import get_sst2  # noqa: E402
+
+
+def fake_hub(rows_per_split: int = 3, fail: Any = None) -> Any:
+    """A stand-in for ``datasets.load_dataset``: GLUE-like and SetFit-like rows, or an exception."""
+    calls = []
+
+    def load_dataset(name: str, config: Any = None, split: str = "") -> Any:
+        calls.append((name, config, split))
+        if fail is not None:
+            raise fail
+        text = "text" if name == "SetFit/sst2" else "sentence"
+        return [{text: f"{split} sentence {i}\twith a tab\n", "label": i % 2, "idx": i} for i in range(rows_per_split)]
+
+    load_dataset.calls = calls  # type: ignore[attr-defined]
+    return load_dataset
+
+
+def test_get_sst2_writes_the_layout_the_examples_read(tmp_path: Any) -> None:
+    hub = fake_hub()
+    written = get_sst2.download(str(tmp_path), load_dataset=hub, expect_sizes=False)
+    assert written == {"train.tsv": 3, "dev.tsv": 3, "test.tsv": 3}
+    assert hub.calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation"), ("SetFit/sst2", None, "test")]
+    assert (tmp_path / "train.tsv").read_text().splitlines()[:2] == ["label\tsentence", "0\ttrain sentence 0 with a tab"]
+    assert (tmp_path / "test.tsv").read_text().splitlines()[0] == "label\tcontent"
+    texts, labels = sst2_cli.read_tsv(str(tmp_path / "dev.tsv"))  # what TSVDataModule reads
+    assert texts == [f"validation sentence {i} with a tab" for i in range(3)] and labels == [0, 1, 0]
+    dm = sst2_cli.TSVDataModule(data_dir=str(tmp_path), batch_size=2)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 3 and len(dm.splits["dev"]) == 3
+    with pytest.raises(ValueError, match=r"has 3 rows; SST-2's has 67,349"):
+        get_sst2.download(str(tmp_path), load_dataset=hub)  # the row counts are checked
+
+
+def test_get_sst2_refuses_an_unlabelled_split(tmp_path: Any) -> None:
+    def glue_test(name: str, config: Any = None, split: str = "") -> Any:
+        return [{"sentence": "a", "text": "a", "label": -1}]
+
+    with pytest.raises(ValueError, match=r"train.tsv, row 0: label -1 is not 0 or 1"):
+        get_sst2.download(str(tmp_path), load_dataset=glue_test, expect_sizes=False)
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_get_sst2_offline_error_says_what_to_do(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = fake_hub(fail=ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)"))
+    with pytest.raises(get_sst2.DownloadError) as info:
+        get_sst2.download(str(tmp_path / "out"), load_dataset=hub)
+    message = str(info.value)
+    assert "could not download nyu-mll/glue/sst2 (split train)" in message and "ConnectionError: Couldn't reach" in message
+    assert "needs network access (once)" in message and "HF_HUB_OFFLINE=1" in message and "unset it for this command" in message
+    assert os.listdir(tmp_path / "out") == []  # nothing half-written
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(get_sst2.DownloadError) as info:
+        get_sst2.download(str(tmp_path / "out"), load_dataset=hub)
+    assert "unset it" not in str(info.value)
+
+
+def test_get_sst2_without_datasets_or_network_exits_with_the_message(tmp_path: Any) -> None:
+    """The script as a user runs it, here (no network): exit code 1 and one clear message, no files."""
+    import subprocess
+
+    out = tmp_path / "sst2"
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "get_sst2.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "pip install datasets" in proc.stderr or "needs network access (once)" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or os.listdir(out) == []

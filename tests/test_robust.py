@@ -391,10 +391,10 @@ def test_callback_equals_the_core_and_the_reference(inference_mode: bool) -> Non
     module = RobustModule(net)
     robust = RobustAccuracy(epsilon=1.0)
     metrics = trainer(callbacks=[robust], inference_mode=inference_mode).validate(module, eval_loader(rows), verbose=False)[0]
-    assert set(metrics) == {"val_robust_acc", "val_robust_acc@1", "val_robust_loss_gain@1"}
+    assert set(metrics) == {"val_robust_acc@1", "val_robust_loss_gain@1"}  # one key per value (issue 21)
     expected = core(net, batches(rows, 40), epsilon=1.0)
     acc, gain = reference(net, rows, 1.0)
-    assert metrics["val_robust_acc"] == metrics["val_robust_acc@1"] == pytest.approx(expected["robust_acc"]) == pytest.approx(acc)
+    assert metrics["val_robust_acc@1"] == pytest.approx(expected["robust_acc"]) == pytest.approx(acc)
     assert metrics["val_robust_loss_gain@1"] == pytest.approx(expected["robust_loss_gain@1"], abs=1e-5)
     assert metrics["val_robust_loss_gain@1"] == pytest.approx(gain, abs=1e-5)
     assert module.clean_acc() == pytest.approx(expected["clean_acc"]) and acc < expected["clean_acc"]
@@ -415,10 +415,39 @@ def test_several_epsilons_one_key_each_and_test_stage() -> None:
     assert metrics["test_robust_acc@2"] < metrics["test_robust_acc@0.5"] < metrics["test_robust_acc@0"]
 
 
+@pytest.mark.parametrize("prog_bar, shown", [(True, ["val_rob@0.5"]), (2.0, ["val_rob@2"]), (1, ["val_rob@1"]), (False, [])])
+def test_progress_bar_shows_one_short_name(prog_bar: Any, shown: List[str]) -> None:
+    """Three epsilons: one robust accuracy on the bar, under a short name; the loggers keep every full key (issue 21)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    seen: Dict[str, Any] = {}
+
+    class Look(Callback):
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen.update(trainer.progress_bar_callback.get_metrics(trainer, pl_module))
+
+    robust = RobustAccuracy(epsilon=[0.5, 1.0, 2.0], prog_bar=prog_bar)
+    t = trainer(callbacks=[robust, TQDMProgressBar(), Look()], enable_progress_bar=True)
+    metrics = t.validate(RobustModule(trained()), eval_loader(examples(10, seed=2)), verbose=False)[0]
+    assert len(metrics) == 6  # acc and loss gain at each epsilon, one key each
+    assert sorted(k for k in seen if "rob" in k) == shown
+    if shown:
+        full = "val_robust_acc@" + shown[0].split("@")[1]
+        assert list(t.progress_bar_metrics) == [full] and seen[shown[0]] == pytest.approx(metrics[full])
+    else:
+        assert t.progress_bar_metrics == {}
+    assert "get_metrics" not in vars(t.progress_bar_callback)
+
+
+def test_prog_bar_must_name_one_of_the_epsilons() -> None:
+    with pytest.raises(ValueError, match=r"RobustAccuracy\(prog_bar=0.25\): prog_bar must be True, False or one of the epsilons \[0.5, 1.0\]"):
+        RobustAccuracy(epsilon=[0.5, 1.0], prog_bar=0.25)
+
+
 def test_epsilon_zero_gives_the_clean_accuracy() -> None:
     module = RobustModule(PadNet(seed=4))
     metrics = trainer(callbacks=[RobustAccuracy(epsilon=0.0)]).validate(module, eval_loader(examples(20, seed=5)), verbose=False)[0]
-    assert metrics["val_robust_acc"] == pytest.approx(module.clean_acc()) and metrics["val_robust_loss_gain@0"] == 0
+    assert metrics["val_robust_acc@0"] == pytest.approx(module.clean_acc()) and metrics["val_robust_loss_gain@0"] == 0
 
 
 def test_two_dataloaders_give_two_separate_values() -> None:
@@ -440,7 +469,7 @@ def test_bf16_mixed_precision() -> None:
     expected = core(net, batches(rows, 30), epsilon=0.5)
     robust = RobustAccuracy(epsilon=0.5)
     metrics = trainer(callbacks=[robust], precision="bf16-mixed").validate(RobustModule(net), eval_loader(rows), verbose=False)[0]
-    assert metrics["val_robust_acc"] == pytest.approx(expected["robust_acc"], abs=0.1)
+    assert metrics["val_robust_acc@0.5"] == pytest.approx(expected["robust_acc"], abs=0.1)
     assert metrics["val_robust_loss_gain@0.5"] == pytest.approx(expected["robust_loss_gain@0.5"], abs=0.1)
 
 
@@ -515,7 +544,7 @@ def test_adversarial_training_is_measurably_more_robust() -> None:
     def robust_acc(callbacks: list) -> float:
         module = RobustModule(PadNet(seed=0))
         trainer(callbacks=callbacks, max_epochs=10).fit(module, train)
-        return trainer(callbacks=[RobustAccuracy(epsilon=1.0)]).test(module, test, verbose=False)[0]["test_robust_acc"]
+        return trainer(callbacks=[RobustAccuracy(epsilon=1.0)]).test(module, test, verbose=False)[0]["test_robust_acc@1"]
 
     plain = robust_acc([])
     fgm = robust_acc([FGMCallback(epsilon=1.0)])
@@ -545,7 +574,7 @@ def test_embedding_path_names_the_module() -> None:
     robust = RobustAccuracy(epsilon=1.0, embedding="model.embeddings.word_embeddings")
     rows = examples(10, seed=3)
     metrics = trainer(callbacks=[robust]).validate(RobustModule(trained()), eval_loader(rows), verbose=False)[0]
-    assert metrics["val_robust_acc"] == pytest.approx(core(trained(), [collate(rows)], epsilon=1.0)["robust_acc"])
+    assert metrics["val_robust_acc@1"] == pytest.approx(core(trained(), [collate(rows)], epsilon=1.0)["robust_acc"])
     assert robust.attack is not None and robust.attack.target.path == "model.embeddings.word_embeddings"
     assert robust.describe() == "FGM epsilon=1"
     assert RobustAccuracy(epsilon=[0.5, 1.0], norm_type="linf", steps=3).describe() == "PGD-3 linf epsilon=0.5,1"
@@ -555,7 +584,7 @@ def test_stages_can_be_switched_off() -> None:
     robust = RobustAccuracy(epsilon=1.0, validate=False)
     t = trainer(callbacks=[robust])
     assert t.validate(RobustModule(), eval_loader(examples(8)), verbose=False)[0] == {}
-    assert "test_robust_acc" in t.test(RobustModule(), eval_loader(examples(8)), verbose=False)[0]
+    assert "test_robust_acc@1" in t.test(RobustModule(), eval_loader(examples(8)), verbose=False)[0]
     assert robust.batches == 2
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
-from lightning_adv.callbacks import compat
+from lightning_adv.callbacks import compat, progress
 from lightning_adv.callbacks.coordinator import Coordinator
 from lightning_adv.core.checks import NonNegativeInt, check_int
 from lightning_adv.core.method import Method
@@ -38,6 +38,10 @@ class AdversarialCallback(Callback):
 
     * ``adv/<name>_loss`` every attacked step, on the progress bar: the loss of the last adversarial pass (SMART,
       R3F: the divergence they add), as returned by the step (before the division by ``accumulate_grad_batches``);
+    * ``adv/<name>_grad_norm`` (FGM, PGD, AWP) or ``adv/<name>_delta_norm`` (FreeLB, SMART, R3F) every attacked
+      step, to the loggers only: the attack's own size (the L2 norm of the clean gradient of the attacked parameters
+      that the direction came from, the GradScaler's scale removed; or the mean over the examples of the L2 norm of
+      each example's perturbation of the embedding output), to see what the magnitude arguments mean for the model;
     * at the end of every epoch in which it attacked: ``adv/<name>_loss_epoch`` (the mean of that epoch's
       ``adv/<name>_loss``), and the running totals over the run (resumes included) ``adv/<name>_attacks`` (attacked
       micro-batches) and ``adv/<name>_skipped`` (attacks skipped: a non-finite gradient, or a pass that returned None).
@@ -68,6 +72,7 @@ class AdversarialCallback(Callback):
         self._counts: Optional[torch.Tensor] = None  # [attacks, skipped] of this run, on the device
         self._restored = [0, 0]
         self._epoch_loss: Optional[torch.Tensor] = None  # [sum, count] of this epoch's adversarial losses
+        self._never_warned = False
 
     # -- what a subclass provides ---------------------------------------------------------------------------
     def build_method(self, pl_module: torch.nn.Module) -> Method:
@@ -147,11 +152,27 @@ class AdversarialCallback(Callback):
             loss = outcome.loss.detach().float()
             self._epoch_loss += torch.stack([loss, torch.ones_like(loss)])
             pl_module.log(f"adv/{self._name()}_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self._log_stats(pl_module)
+
+    def _log_stats(self, pl_module: LightningModule) -> None:
+        """The attack's own size, for the loggers only: ``adv/<name>_grad_norm`` (FGM, PGD, AWP: the clean gradient
+        norm the direction came from, the GradScaler's scale removed) or ``adv/<name>_delta_norm`` (FreeLB, SMART,
+        R3F: the mean per-example L2 norm of the perturbation of the embedding output). Tensors: no sync."""
+        stats = getattr(self.method, "stats", None)
+        if not stats:
+            return
+        scale = compat.scale_of(pl_module.trainer)
+        for key, value in stats.items():
+            if key == "grad_norm" and scale is not None:
+                value = value / scale.to(value.device)
+            pl_module.log(f"adv/{self._name()}_{key}", value.float(), on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        stats.clear()
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        progress.install(trainer)  # small adversarial losses in scientific notation on the bar
         owner = type(self).__name__
         if is_fsdp(trainer.strategy):
             if not self.supports_fsdp:
@@ -167,7 +188,7 @@ class AdversarialCallback(Callback):
                     "holds `.grad` unsharded and unreduced, which the ascent cannot copy aside. Use a larger batch, "
                     "FreeLBCallback or R3FCallback, DDP ('ddp'), or FSDP on one device."
                 )
-            if "mixed" in str(trainer.precision) and not self.supports_fsdp_mixed_precision:
+            if "mixed" in str(getattr(trainer, "precision", "")) and not self.supports_fsdp_mixed_precision:
                 raise ValueError(
                     f"{owner} under FSDPStrategy needs precision='32-true' (got {trainer.precision!r}): its ascent takes a "
                     "backward of its own before the clean one, after which FSDP frees the low-precision parameters that "
@@ -195,6 +216,9 @@ class AdversarialCallback(Callback):
         self._counts, self._restored, self._epoch_loss = None, [0, 0], None  # a new fit counts from 0 (or the checkpoint)
         self.log_name = ""
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        progress.uninstall(trainer)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         try:
             self.method = self.build_method(pl_module)
@@ -203,6 +227,41 @@ class AdversarialCallback(Callback):
         self._seed_generator(pl_module)
         when = f"from epoch {self.start_epoch}" + (f" and step {self.start_step}" if self.start_step else "")
         rank_zero_info(f"{type(self).__name__} attacks {self.method.describe()}, {when}.")
+        self._never_warned = self._warn_if_never(trainer, steps=None)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the LightningModule's own on_fit_start (where a model may be put in train mode) and the data set-up
+        if not self._never_warned:
+            self._warn_if_never(trainer, steps=_total_steps(trainer))
+
+    def _warn_if_never(self, trainer: Trainer, steps: Optional[float]) -> bool:
+        """Warn (once) when this fit ends before ``start_epoch`` or ``start_step``: the callback would never attack.
+        ``steps``: the fit's total optimizer steps when known (at ``on_train_start``), else only ``max_steps``."""
+        owner = type(self).__name__
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
+            rank_zero_warn(
+                f"{owner}(start_epoch={self.start_epoch}) will never attack: this fit ends after max_epochs={max_epochs} "
+                f"(epochs {_count(max_epochs)}, counted from 0). Lower start_epoch (0 attacks from the first epoch) or "
+                "raise max_epochs.",
+                category=UserWarning,
+            )
+            return True
+        limit = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        if steps is not None and (limit is None or steps < limit):
+            limit = steps
+        if limit is not None and self.start_step >= limit:
+            source = f"max_steps={trainer.max_steps}" if limit == trainer.max_steps else f"{int(limit)} optimizer steps"
+            rank_zero_warn(
+                f"{owner}(start_step={self.start_step}) will never attack: this fit ends after {source} (steps "
+                f"{_count(int(limit))}, counted from 0). Lower start_step or train longer.",
+                category=UserWarning,
+            )
+            return True
+        return False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        progress.uninstall(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._counts is None or self._epoch_loss is None:
@@ -223,3 +282,15 @@ class AdversarialCallback(Callback):
         if self.log_name:
             return self.log_name
         return self.method.name if self.method is not None else "adv"
+
+
+def _count(n: int) -> str:
+    return "none" if n <= 0 else ("0" if n == 1 else f"0 to {n - 1}")
+
+
+def _total_steps(trainer: Trainer) -> Optional[float]:
+    """The optimizer steps of the whole fit (Lightning's estimate; inf when unbounded), None if it cannot tell."""
+    try:
+        return float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - an estimate for a warning only: no estimate, no warning
+        return None

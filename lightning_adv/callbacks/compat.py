@@ -51,6 +51,15 @@ def scaler_of(trainer: Any) -> Optional[torch.amp.GradScaler]:
     return getattr(trainer.precision_plugin, "scaler", None)
 
 
+def scale_of(trainer: Any) -> Optional[torch.Tensor]:
+    """The GradScaler's current scale as a tensor on the device (no host synchronisation, unlike
+    ``GradScaler.get_scale()``), or None without an enabled scaler."""
+    scaler = scaler_of(trainer)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)
+
+
 def ddp_module(trainer: Any) -> Optional[DistributedDataParallel]:
     """The ``DistributedDataParallel`` wrapper of the model during fit, or None."""
     model = getattr(trainer.strategy, "model", None)

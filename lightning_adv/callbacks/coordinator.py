@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_adv.callbacks import compat
+from lightning_adv.callbacks.modes import warn_eval_mode
 from lightning_adv.callbacks.isolation import (
     SideEffects, StateGuard, adversarial_pass, copy_containers, silenced_logging,
 )
@@ -84,6 +85,10 @@ class Coordinator(Callback):
         self.guard = StateGuard(pl_module)
         self._warned = set()
         self.manual_calls = 0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # after the LightningModule's own on_fit_start (where a model may be put in train mode)
+        warn_eval_mode(pl_module, self.callbacks)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.batch_start(trainer, pl_module, batch, batch_idx)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_adv.callbacks import compat
+from lightning_adv.callbacks import compat, progress
 from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int, check_module_path
 from lightning_adv.core.robust import EmbeddingAttack, check_attack_args, epsilon_key
 
@@ -31,14 +31,16 @@ class RobustAccuracy(Callback):
     and the weights are untouched, and frozen, tied and PEFT embeddings work. The attack's arithmetic runs in
     float32, inside the precision plugin's forward context for the forwards, without host synchronisation.
 
-    Logged at epoch level, per epsilon (``@`` and the epsilon: ``@0.5``, ``@1``), with Lightning's
-    ``/dataloader_idx_N`` suffix when there are several dataloaders, and synchronised across processes
-    (torchmetrics ``MeanMetric``):
+    Logged at epoch level, one key per value, per epsilon (``@`` and the epsilon: ``@0.5``, ``@1``, also when
+    ``epsilon`` is a single number), with Lightning's ``/dataloader_idx_N`` suffix when there are several
+    dataloaders, and synchronised across processes (torchmetrics ``MeanMetric``):
 
     - ``val_robust_acc@<eps>`` / ``test_robust_acc@<eps>``: the accuracy under attack;
     - ``val_robust_loss_gain@<eps>`` / ``test_robust_loss_gain@<eps>``: mean adversarial minus mean clean
-      cross-entropy;
-    - with ``epsilon`` a number (not a list), also ``val_robust_acc`` / ``test_robust_acc``.
+      cross-entropy.
+
+    The progress bar shows one of them, the robust accuracy at one epsilon (``prog_bar``), under a short name:
+    ``val_rob@<eps>`` / ``test_rob@<eps>`` (the loggers and ``callback_metrics`` keep the full name).
 
     The model is evaluated in the mode Lightning sets (eval). Nothing runs during the sanity check.
 
@@ -59,7 +61,8 @@ class RobustAccuracy(Callback):
         seed: the seed of the random start (>= 0).
         validate: measure during validation (val_*), including the validation of fit.
         test: measure during test (test_*).
-        prog_bar: show the robust accuracies in the progress bar.
+        prog_bar: which robust accuracy the progress bar shows: True, that of the first epsilon; a number, that
+            of this epsilon (one of epsilon); False, none.
 
     Example::
 
@@ -97,10 +100,19 @@ class RobustAccuracy(Callback):
         seed: NonNegativeInt = 0,
         validate: bool = True,
         test: bool = True,
-        prog_bar: bool = True,
+        prog_bar: Union[bool, NonNegativeFloat] = True,
     ) -> None:
         owner = type(self).__name__
         self.epsilons = check_attack_args(owner, epsilon, norm_type, steps, step_size, random_start, seed)
+        if isinstance(prog_bar, bool):
+            self.bar_key: Optional[str] = epsilon_key(self.epsilons[0]) if prog_bar else None
+        elif isinstance(prog_bar, (int, float)) and epsilon_key(float(prog_bar)) in [epsilon_key(e) for e in self.epsilons]:
+            self.bar_key = epsilon_key(float(prog_bar))
+        else:
+            raise ValueError(
+                f"{owner}(prog_bar={prog_bar!r}): prog_bar must be True, False or one of the epsilons "
+                f"{[float(e) for e in self.epsilons]} (the robust accuracy the progress bar shows)."
+            )
         check_int(owner, "num_classes", num_classes, 2, "the number of classes of the logits")
         check_module_path(owner, "embedding", embedding)
         self.epsilon = list(self.epsilons) if isinstance(epsilon, (list, tuple)) else float(epsilon)
@@ -145,6 +157,12 @@ class RobustAccuracy(Callback):
             )
         if self.attack is not None and self.attack.model is not pl_module:
             self.attack = None
+        if self.bar_key is not None:
+            for name in _PREFIX.values():
+                progress.show_as(trainer, f"{name}_robust_acc@{self.bar_key}", f"{name}_rob@{self.bar_key}")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        progress.uninstall(trainer)
 
     def _attack_for(self, pl_module: LightningModule) -> EmbeddingAttack:
         if self.attack is None or self.attack.model is not pl_module:
@@ -189,12 +207,12 @@ class RobustAccuracy(Callback):
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         name = _PREFIX[stage]
         for key, values in result.per_example().items():
-            if not key.startswith("robust_"):
-                continue  # the clean metrics are the module's
+            if not key.startswith("robust_") or "@" not in key:
+                continue  # the clean metrics are the module's; `robust_acc` (one epsilon as a number) repeats `@eps`
             metric = self._metric(stage, dataloader_idx, key, values.device)
             metric.update(values)
             pl_module.log(
-                f"{name}_{key}", metric, on_step=False, on_epoch=True, prog_bar=self.prog_bar and key.startswith("robust_acc"),
+                f"{name}_{key}", metric, on_step=False, on_epoch=True, prog_bar=key == f"robust_acc@{self.bar_key}",
                 metric_attribute=f"_robust_{name}_{dataloader_idx}_{key}",
             )
 

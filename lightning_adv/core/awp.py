@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 from torch import nn
 
@@ -57,6 +59,9 @@ class AWP(ParameterMethod):
         super().__init__(model, select_trainable(model, adv_param, owner=type(self).__name__, argument="adv_param", hint="weight"))
         self.adv_lr, self.adv_eps, self.adv_step = float(adv_lr), float(adv_eps), int(adv_step)
         self._grad_scale = 1.0
+        self.stats: Dict[str, torch.Tensor] = {}
+        """What the last attack measured (0-d tensors on the device): ``grad_norm``, the L2 norm of the clean
+        gradient of the matched parameters (all together), the first pass's direction."""
 
     @staticmethod
     def check_arguments(owner: str, adv_param: str, adv_lr: float, adv_eps: float, adv_step: int) -> None:
@@ -76,6 +81,8 @@ class AWP(ParameterMethod):
         weight_norms = norms([snapshot.params[i].detach() for i in regions.index])
         grads, weights, saved = regions.grads, regions.weights, regions.saved
         grad_norms = norms(grads)
+        if pass_index == 0:
+            self.stats["grad_norm"] = torch.linalg.vector_norm(grad_norms)
         finite = torch.isfinite(grad_norms).all()
         usable = finite & (grad_norms != 0)
         c = self._grad_scale

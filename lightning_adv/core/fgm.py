@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 from torch import nn
 
@@ -56,6 +58,9 @@ class FGM(ParameterMethod):
         self.check_arguments(type(self).__name__, epsilon, emb_name)
         super().__init__(model, select_trainable(model, emb_name, owner=type(self).__name__, argument="emb_name", hint="embed"))
         self.epsilon = float(epsilon)
+        self.stats: Dict[str, torch.Tensor] = {}
+        """What the last attack measured, as 0-d tensors on the device: ``grad_norm``, the L2 norm of the clean
+        gradient of the matched parameters (all together) that the direction came from."""
 
     @staticmethod
     def check_arguments(owner: str, epsilon: float, emb_name: str) -> None:
@@ -71,6 +76,7 @@ class FGM(ParameterMethod):
 
     def perturb(self, snapshot: Snapshot, regions: Regions, pass_index: int) -> torch.Tensor:
         grad_norms = norms(regions.grads)
+        self.stats["grad_norm"] = torch.linalg.vector_norm(grad_norms)
         finite = torch.isfinite(grad_norms).all()
         torch._foreach_add_(regions.weights, scaled_steps(regions.grads, self.epsilon, finite, grad_norms))
         return finite

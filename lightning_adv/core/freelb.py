@@ -3,7 +3,7 @@ gradients of every pass accumulated, in the form of ``freelb_train_step`` of zhu
 
 from __future__ import annotations
 
-from typing import FrozenSet, Literal, Optional
+from typing import Dict, FrozenSet, Literal, Optional
 
 import torch
 from torch import nn
@@ -77,6 +77,9 @@ class FreeLB(Method):
         self.clean_weight = 1.0 / (1 + self.adv_steps)
         self.generator = generator
         self._delta0: Optional[torch.Tensor] = None
+        self.stats: Dict[str, torch.Tensor] = {}
+        """What the last attack measured (0-d tensors on the device): ``delta_norm``, the mean over the examples
+        of the L2 norm of each example's last perturbation (over its tokens and hidden size)."""
 
     @staticmethod
     def check_arguments(
@@ -155,6 +158,8 @@ class FreeLB(Method):
         out: Optional[PassOutput] = None
         for t in range(self.adv_steps):
             delta = self.ascend(delta.detach(), torch.nan_to_num(grad, 0.0, 0.0, 0.0))
+            if t == self.adv_steps - 1:
+                self.stats["delta_norm"] = per_example_norms(delta.detach().float()).mean()
             self.target.arm(lambda output, mask, d=delta: _same_shape(d, output))
             out = step.forward(final=t == self.adv_steps - 1)
             step.backward(out.loss * self.clean_weight)

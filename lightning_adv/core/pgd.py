@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 from torch import nn
 
@@ -50,6 +52,9 @@ class PGD(ParameterMethod):
         self.check_arguments(type(self).__name__, epsilon, alpha, steps, emb_name)
         super().__init__(model, select_trainable(model, emb_name, owner=type(self).__name__, argument="emb_name", hint="embed"))
         self.epsilon, self.alpha, self.steps = float(epsilon), float(alpha), int(steps)
+        self.stats: Dict[str, torch.Tensor] = {}
+        """What the last attack measured (0-d tensors on the device): ``grad_norm``, the L2 norm of the clean
+        gradient of the matched parameters (all together), the first pass's direction."""
 
     @staticmethod
     def check_arguments(owner: str, epsilon: float, alpha: float, steps: int, emb_name: str) -> None:
@@ -66,6 +71,8 @@ class PGD(ParameterMethod):
 
     def perturb(self, snapshot: Snapshot, regions: Regions, pass_index: int) -> torch.Tensor:
         grad_norms = norms(regions.grads)
+        if pass_index == 0:
+            self.stats["grad_norm"] = torch.linalg.vector_norm(grad_norms)
         finite = torch.isfinite(grad_norms).all()
         torch._foreach_add_(regions.weights, scaled_steps(regions.grads, self.alpha, finite, grad_norms))
         moved = torch._foreach_sub(regions.weights, regions.saved)

@@ -11,13 +11,13 @@ backward of ``loss + weight * divergence``.
 
 from __future__ import annotations
 
-from typing import FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_adv.core.embedding import EmbeddingOutput
+from lightning_adv.core.embedding import EmbeddingOutput, per_example_norms
 from lightning_adv.core.method import Method
 from lightning_adv.core.step import AttackStep, Outcome, PassOutput
 
@@ -80,6 +80,9 @@ class SmoothnessMethod(Method):
         self._outcome: Optional[Outcome] = None
         self._hooks: List[torch.utils.hooks.RemovableHandle] = []
         self._joined = False
+        self.stats: Dict[str, torch.Tensor] = {}
+        """What the last attack measured (0-d tensors on the device): ``delta_norm``, the mean over the examples
+        of the L2 norm of each example's perturbation of the embedding output (over its tokens and hidden size)."""
 
     def describe(self) -> str:
         return f"the output of {self.target.path or type(self.target.module).__name__}"
@@ -106,6 +109,8 @@ class SmoothnessMethod(Method):
                 "training_step (or from the mixin's loss_fn)."
             )
         perturbed, valid = self.perturbed_logits(step, clean)
+        if self.target.delta is not None:
+            self.stats["delta_norm"] = per_example_norms(self.target.delta.detach().float()).mean()
         z_clean = clean.logits.detach().to(wide(clean.logits.dtype)).requires_grad_()
         z_perturbed = perturbed.detach().to(z_clean.dtype).reshape(z_clean.shape).requires_grad_()
         with torch.enable_grad():
@@ -126,7 +131,9 @@ class SmoothnessMethod(Method):
 
         self._hooks = [clean.loss.register_hook(capture), clean.logits.register_hook(join)]
         step.backward_with_clean((perturbed.to(z_clean.dtype).reshape(z_clean.shape) * g_perturbed).sum())
-        self._outcome = Outcome(value.detach(), ~valid)
+        # a divergence is >= 0, but its float32 sum over two nearly equal distributions can round to -1e-8: the value
+        # reported (logged) is clamped at 0; the gradient above is the exact one
+        self._outcome = Outcome(value.detach().clamp_min(0), ~valid)
 
     def run(self, step: AttackStep) -> Outcome:
         if not self._joined:
