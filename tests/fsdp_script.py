@@ -204,6 +204,8 @@ def main(path: str, device: str) -> None:
     for config in BF16_CONFIGS:  # FSDP computes in bf16 parameters, autocast in float32 ones: compared, not equal
         report["bf16_" + parse(config)["name"]] = {strategy: fit(parse(config), device, strategy == "fsdp", "bf16-mixed")
                                                     for strategy in ("single", "fsdp")}
+        report["bf16_" + parse(config)["name"]]["fp32"] = report[parse(config)["name"]]["single"] if parse(config)["name"] in report \
+            else fit(parse(config), device, False)
     for config in HF_CONFIGS:
         name, arch, method, accumulate, frozen = config.split(":")
         report[name] = {strategy: hf_fit(arch, method, int(accumulate), frozen == "1", device, strategy == "fsdp")

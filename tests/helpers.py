@@ -116,7 +116,8 @@ def cpu_fsdp_strategy(**kwargs: Any) -> Any:
     """Lightning's own ``FSDPStrategy`` on CPU processes (gloo), for tests: the same FSDP wrapper, flat parameters,
     hooks and reduce-scatter as on a GPU. Lightning refuses the ``"fsdp"`` flag without a GPU and passes
     ``device_id=None`` there, which torch's FSDP refuses on a machine without an accelerator; this subclass wraps
-    the module itself with ``device_id=cpu`` (Lightning keeps a module that is already wrapped)."""
+    the module itself with ``device_id=cpu`` and the precision plugin's mixed-precision configuration, as Lightning
+    does (Lightning keeps a module that is already wrapped)."""
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -124,7 +125,7 @@ def cpu_fsdp_strategy(**kwargs: Any) -> Any:
         def _setup_model(self, model: nn.Module) -> nn.Module:
             if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
                 model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), sharding_strategy=self.sharding_strategy,
-                                                 **self.kwargs)
+                                                 mixed_precision=self.mixed_precision_config, **self.kwargs)
             return super()._setup_model(model)
 
     return CPUFSDPStrategy(**kwargs)
