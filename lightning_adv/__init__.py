@@ -6,9 +6,9 @@
 
 from lightning_adv.callbacks import (
     AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback,
-    RobustAccuracy, SMARTCallback, in_adversarial_pass,
+    RobustAccuracy, SMARTCallback, TextAttackAccuracy, in_adversarial_pass,
 )
-from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, GradientStash, Method, adversarial_backward
+from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, GradientStash, Method, adversarial_backward, deepwordbug_attack
 from lightning_adv.fabric import adversarial_backward as fabric_adversarial_backward  # Lightning Fabric loops
 
 __version__ = "0.2.0"
@@ -16,5 +16,5 @@ __version__ = "0.2.0"
 __all__ = [
     "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
     "GradientStash", "Method", "PGD", "PGDCallback", "R3F", "R3FCallback", "RobustAccuracy", "SMART", "SMARTCallback",
-    "adversarial_backward", "fabric_adversarial_backward", "in_adversarial_pass",
+    "TextAttackAccuracy", "adversarial_backward", "deepwordbug_attack", "fabric_adversarial_backward", "in_adversarial_pass",
 ]

@@ -261,3 +261,127 @@ def test_candidates_follow_textattack_ranges():
     assert all(len(u) == 6 and sum(a != b for a, b in zip(u, word)) <= 1 for u in subs) and len(subs) > 100
     assert all(len(x) == 7 and x[-1] == "f" and word in {x[:k] + x[k + 1:] for k in range(6)} for x in ins)  # never after the last
     assert deepwordbug_candidates("a", rng) == [] and len(deepwordbug_candidates("ab", rng)) == 4
+
+
+# -- the callback ------------------------------------------------------------------------------------------------
+
+
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+def _tiny_module_and_data(**module_kwargs):
+    """A real (tiny) torch model: an EmbeddingBag over the words of the keyword cases, weighted as the lexicon."""
+    L = _lightning()
+    from text_attack_cases import keyword_weight
+
+    sentences = [t for t, _ in KEYWORD_CASES] + ["a dull film .", "a fun film .", "clever , not boring .", "the worst ."]
+    labels = [y for _, y in KEYWORD_CASES] + [0, 1, 1, 0]
+    vocab = {w: i + 1 for i, w in enumerate(sorted({w for t in sentences for w in t.split()}))}
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.bag = torch.nn.EmbeddingBag(len(vocab) + 1, 1, mode="sum")
+            with torch.no_grad():
+                self.bag.weight[0] = 0.0  # unknown words (misspelt ones)
+                for w, i in vocab.items():
+                    self.bag.weight[i] = keyword_weight(w) if w.isalpha() else 0.0
+            self.calls = []
+
+        def predict_texts(self, texts):
+            assert not self.training and not torch.is_grad_enabled()
+            self.calls.append(len(texts))
+            ids = [torch.tensor([vocab.get(w, 0) for w in t.split()] or [0]) for t in texts]
+            offsets = torch.tensor([0] + [len(x) for x in ids[:-1]]).cumsum(0)
+            s = self.bag(torch.cat(ids), offsets)
+            return torch.cat([-s, s], dim=1)
+
+        def training_step(self, batch, batch_idx):
+            return self.bag.weight.sum() * 0.0
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def test_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    class Data(L.LightningDataModule):
+        def text_examples(self, stage):
+            assert stage in ("test", "validate")
+            return sentences, labels
+
+        def _loader(self):
+            return torch.utils.data.DataLoader([torch.zeros(1)], batch_size=1)
+
+        train_dataloader = val_dataloader = test_dataloader = _loader
+
+    return Tiny(**module_kwargs), Data(), sentences, labels
+
+
+def _trainer(callbacks, **kwargs):
+    L = _lightning()
+    return L.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, **kwargs)
+
+
+def test_callback_in_trainer_test_equals_the_function(tmp_path):
+    from lightning_adv import TextAttackAccuracy
+    from lightning_adv.core.text_attack import select_examples
+
+    model, data, sentences, labels = _tiny_module_and_data()
+    attack = TextAttackAccuracy(num_examples=8, seed=4, batch_size=16, save_path=str(tmp_path / "dwb.json"))
+    metrics = _trainer([attack]).test(model, datamodule=data, verbose=False)[0]
+    chosen = select_examples(len(sentences), 8, 4)
+    calls = list(model.calls)
+    model.eval()
+    results, summary = deepwordbug_attack(model.predict_texts, [sentences[i] for i in chosen], [labels[i] for i in chosen], seed=4)
+    assert [r.to_dict() for r in attack.results] == [r.to_dict() for r in results] and attack.summary == summary
+    assert metrics == pytest.approx({
+        "test_deepwordbug_acc": summary["attack_acc"], "test_deepwordbug_clean_acc": summary["clean_acc"],
+        "test_deepwordbug_success_rate": summary["attack_success_rate"], "test_deepwordbug_queries": summary["queries"],
+        "test_deepwordbug_perturbed_word_pct": summary["perturbed_word_pct"],
+    })
+    assert summary["n"] == 8 and summary["succeeded"] > 0 and max(calls) <= 16
+    saved = json.load(open(tmp_path / "dwb.json"))
+    assert saved["indices"] == chosen and saved["summary"] == summary and len(saved["results"]) == 8
+
+
+def test_callback_validate_and_texts_given():
+    from lightning_adv import TextAttackAccuracy
+
+    model, data, sentences, labels = _tiny_module_and_data()
+    attack = TextAttackAccuracy(texts=sentences[:3], labels=labels[:3], num_examples=None, validate=True, test=False)
+    trainer = _trainer([attack], max_epochs=1, limit_train_batches=1, num_sanity_val_steps=1)
+    trainer.fit(model, datamodule=data)
+    assert {"val_deepwordbug_acc", "val_deepwordbug_queries"} <= set(trainer.callback_metrics)
+    assert attack.summary["n"] == 3  # measured once: after the epoch's validation, not in the sanity check
+    calls = len(model.calls)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert len(model.calls) == calls  # test=False
+
+
+def test_callback_refuses_without_protocol():
+    from lightning_adv import TextAttackAccuracy
+
+    L = _lightning()
+
+    class NoPredict(L.LightningModule):
+        def test_step(self, batch, batch_idx):
+            pass
+
+    loader = torch.utils.data.DataLoader([torch.zeros(1)], batch_size=1)
+    with pytest.raises(TypeError, match="predict_texts"):
+        _trainer([TextAttackAccuracy()]).test(NoPredict(), loader, verbose=False)
+    model, _, _, _ = _tiny_module_and_data()
+    with pytest.raises(TypeError, match="text_examples"):
+        _trainer([TextAttackAccuracy()]).test(model, loader, verbose=False)
+    with pytest.raises(ValueError, match="together"):
+        TextAttackAccuracy(texts=["a"])
+    with pytest.raises(ValueError, match="num_examples"):
+        TextAttackAccuracy(num_examples=0)

@@ -12,10 +12,11 @@ from lightning_adv.callbacks.pgd import PGDCallback
 from lightning_adv.callbacks.r3f import R3FCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
 from lightning_adv.callbacks.smart import SMARTCallback
+from lightning_adv.callbacks.text_attack import TextAttackAccuracy
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "R3FCallback", "RobustAccuracy", "SMARTCallback", "in_adversarial_pass",
+    "R3FCallback", "RobustAccuracy", "SMARTCallback", "TextAttackAccuracy", "in_adversarial_pass",
 ]
 
 _register_cli_types()

@@ -20,9 +20,10 @@ from lightning_adv.core.r3f import R3F
 from lightning_adv.core.robust import AttackResult, EmbeddingAttack, robust_accuracy
 from lightning_adv.core.smart import SMART
 from lightning_adv.core.step import AttackStep, BackwardSync, Outcome, PassOutput, adversarial_backward
+from lightning_adv.core.text_attack import TextAttackResult, deepwordbug_attack
 
 __all__ = [
-    "AttackResult", "EmbeddingAttack", "robust_accuracy",
+    "AttackResult", "EmbeddingAttack", "TextAttackResult", "deepwordbug_attack", "robust_accuracy",
     "AWP", "AttackStep", "BackwardSync", "EmbeddingOutput", "FGM", "FreeLB", "GradientStash", "Method", "Outcome",
     "PGD", "ParameterMethod", "R3F", "SMART", "PassOutput", "adversarial_backward", "find_embedding", "match_parameters",
     "select_trainable",
