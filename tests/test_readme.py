@@ -17,7 +17,8 @@ def _snippet(marker: str) -> str:
     return found[0]
 
 
-@pytest.mark.parametrize("marker", ["class Classifier(L.LightningModule)", "outcomes = adversarial_backward(model, methods"])
+@pytest.mark.parametrize("marker", ["class Classifier(L.LightningModule)", "outcomes = adversarial_backward(model, methods",
+                                    "results, summary = deepwordbug_attack("])
 def test_readme_snippet_runs(marker):
     code = _snippet(marker).replace("logger=False)", "logger=False, enable_progress_bar=False, enable_model_summary=False)")
     namespace: dict = {}
@@ -31,3 +32,10 @@ def test_readme_example_attacks_with_every_method(capsys):
     printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith(("Callback 4", "Callback 2"))]
     assert printed == [["FGMCallback", "4"], ["PGDCallback", "4"], ["AWPCallback", "2"], ["FreeLBCallback", "4"],
                        ["R3FCallback", "4"], ["SMARTCallback", "4"]]
+
+
+def test_readme_deepwordbug_snippet_prints(capsys):
+    exec(compile(_snippet("results, summary = deepwordbug_attack("), "README:deepwordbug", "exec"), {})
+    words = capsys.readouterr().out.split()
+    assert words[0] == "a" and words[1] != "good" and words[2] == "film"  # "good" misspelt: the prediction flipped
+    assert words[3:5] == ["0.5", "0.5"]  # "a dull film" holds: accuracy under attack 0.5, success rate 1 of 2
