@@ -13,7 +13,11 @@ is one ``sst2_benchmark.py --run`` process; its checkpoint goes to ``--ckpt_dir`
    80% of the GPU, at most ``--max_concurrency`` (default: half the CPU cores); each process gets
    ``cores // concurrency`` torch threads.
 2. **Runs**: the queue, costliest methods first, ``concurrency`` processes at a time; none is started after
-   ``--deadline_min`` (the rest stay pending for the next call).
+   ``--deadline_min`` (the rest stay pending for the next call). The probe prints a rough projection of the
+   training time. Sizing from the H200 cost table (``attack_cost_cuda.md``: a MiniLM Lightning step is
+   host-bound, about 25 ms): the 21 runs of 4,210 steps are about 110 process-minutes of training, so even at
+   5-6x from concurrency they need more than one 15-minute device session: run it with ``--deadline_min`` (e.g.
+   8) and call it again in the next session (finished runs are kept), or start with ``--seeds 0``.
 3. **Report**: ``<runs_dir>/summary.json`` and ``benchmarks/results/sst2_full_gpu.md`` (the "full size, GPU"
    table: clean, embedding-space robust and DeepWordBug accuracy per method, mean ± std over seeds; the probe; the
    machine), then ``sst2_benchmark.py --report_only``, whose ``sst2.md`` includes that table.
@@ -292,7 +296,8 @@ def report(args: argparse.Namespace, probe_info: Optional[Dict[str, Any]], run_i
         L_.append("Concurrency probe (" + f"{probe_info['method']}, {probe_info['seconds']:g} s per level): "
                   + "; ".join(f"{r['concurrency']} process(es): {r['steps_per_s']:.1f} steps/s, {r['max_memory_gb']:.2f} GiB each"
                               for r in probe_info["levels"])
-                  + f". Chosen: {probe_info['chosen']} processes × {probe_info['threads']} threads.")
+                  + f". Chosen: {probe_info['chosen']} processes × {probe_info['threads']} threads"
+                  + (f"; projected training ≈ {probe_info['projected_training_min']:.0f} min." if "projected_training_min" in probe_info else "."))
     if run_info:
         done = {r["name"] for r in runs if r}
         pending = [n for n in run_info["planned"] if n not in done]
@@ -324,8 +329,32 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     else:
         probe_info = probe(args)
         concurrency, threads = probe_info["chosen"], probe_info["threads"]
+    if probe_info:
+        projection(args, probe_info)
     run_info = run_all(args, concurrency, threads)
     return report(args, probe_info, run_info)
+
+
+def projection(args: argparse.Namespace, probe_info: Dict[str, Any]) -> float:
+    """Rough wall time of the runs: the probe's step time of its method at the chosen concurrency, scaled to each
+    method by the CPU benchmark's relative step costs (``measure.json``), over the planned steps, divided by the
+    concurrency (evaluations not included). Printed, so that a session can size ``--deadline_min``."""
+    import sst2_benchmark as bench
+
+    meas = bench.read_json(os.path.join(args.cpu_runs_dir, "measure.json")) or {}
+    rel = meas.get("relative", {})
+    level = next(r for r in probe_info["levels"] if r["concurrency"] == probe_info["chosen"])
+    base = level["s_per_step"] / rel.get(probe_info["method"], 1.0)
+    ns = bench.parse_args(["--data_dir", args.data_dir, "--train_subset", str(args.train_subset), "--epochs", str(args.epochs)]
+                          + list(args.extra))
+    steps = bench.steps_per_epoch(ns) * args.epochs
+    per_run = {m: steps * base * (((1 + rel.get("awp", 1.0)) / 2) if m == "awp" else rel.get(m, 1.0)) for m in args.methods}
+    total = sum(per_run[m] for m in args.methods) * len(args.seeds) / probe_info["chosen"]
+    print(f"[plan] {len(args.methods) * len(args.seeds)} runs of {steps} steps: about {total / 60:.0f} min of training at "
+          f"concurrency {probe_info['chosen']} (rough: {base * 1000:.0f} ms per plain step scaled by the CPU relative costs; "
+          "evaluations not included)", flush=True)
+    probe_info["projected_training_min"] = total / 60
+    return total
 
 
 if __name__ == "__main__":
