@@ -55,7 +55,6 @@ result does not depend on it, up to the model's own rounding between batch compo
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import string
@@ -66,7 +65,7 @@ import torch
 
 __all__ = [
     "NLTK_ENGLISH_STOPWORDS", "TextAttackResult", "deepwordbug_attack", "deepwordbug_candidates", "levenshtein",
-    "summarize", "word_spans", "words_from_text",
+    "select_examples", "summarize", "word_spans", "words_from_text",
 ]
 
 #: NLTK's English stopword list (``nltk.corpus.stopwords.words("english")``, the 179 words of the NLTK data that
@@ -460,7 +459,3 @@ def select_examples(n_total: int, num: Optional[int], seed: int) -> List[int]:
     if num is None or num >= n_total:
         return list(range(n_total))
     return sorted(random.Random(seed).sample(range(n_total), num))
-
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)
