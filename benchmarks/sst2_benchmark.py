@@ -33,6 +33,21 @@ skipped, so the benchmark resumes where it stopped. After every run (and with ``
 ``benchmarks/results/sst2.md`` and ``sst2.png``; missing runs are marked pending. Hand-written notes in
 ``benchmarks/results/sst2_notes.md`` are appended to the report if that file exists.
 
+Text-level robustness: after the embedding-space evaluation every run is also attacked with DeepWordBug
+(:func:`lightning_adv.core.text_attack.deepwordbug_attack`, TextAttack's ``DeepWordBugGao2018`` recipe: character
+swaps, substitutions, deletions and insertions in the most important words, Levenshtein bound 30) on
+``--text_attack_n`` test sentences drawn with ``--text_attack_seed``; the run's JSON gets a ``text_attack`` block
+(clean accuracy on those sentences, accuracy under attack, attack success rate, mean queries, mean perturbed-word
+%) and the per-sentence results go to ``<runs_dir>/deepwordbug/<run>.json``. The final weights of every run are
+saved to ``--ckpt_dir`` (``runs/sst2_checkpoints/``, not committed); a finished run without the ``text_attack``
+block (or with another configuration of it) is evaluated from its checkpoint when one exists (``--text_attack_only``
+does only that), and reported as pending otherwise. ``--rerun NAME ...`` trains runs again although their JSON
+exists (to get their checkpoint; the report says if the other numbers changed).
+
+``--run METHOD --params JSON --seed S`` trains and evaluates one run (the GPU driver ``benchmarks/gpu_full_sst2.py``
+starts such processes side by side); ``--probe SECONDS`` trains one method for that many seconds and prints its
+step rate (the driver's concurrency probe).
+
 ``--measure`` times a few training steps of every method in one process, interleaved (the same batches, rounds
 in rotating order, so that a change of machine load hits every method alike), and one robust evaluation; it
 writes ``<runs_dir>/measure.json`` (the report's cost column) and prints the projected time of the benchmark.
@@ -109,6 +124,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--measure_rounds", type=int, default=4)
     p.add_argument("--measure_steps", type=int, default=2, help="timed steps per method and round (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, cuda)")
+    p.add_argument("--precision", default="32-true", help="Lightning precision of training")
+    p.add_argument("--text_attack_n", type=int, default=500, help="test sentences attacked with DeepWordBug (0: none)")
+    p.add_argument("--text_attack_seed", type=int, default=0, help="seed of those sentences and of the attack's draws")
+    p.add_argument("--text_attack_batch", type=int, default=64, help="sentences per model call in the attack")
+    p.add_argument("--ckpt_dir", default=os.path.join(ROOT, "runs", "sst2_checkpoints"),
+                   help="final weights of every run (not committed); '' to save none")
+    p.add_argument("--text_attack_only", action="store_true",
+                   help="only evaluate DeepWordBug on finished runs that lack it, from their checkpoints; then the report")
+    p.add_argument("--rerun", nargs="*", default=[], help="run names to train again although done (to save their checkpoint)")
+    p.add_argument("--run", choices=METHODS, default=None, help="train and evaluate one run of this method, then exit")
+    p.add_argument("--params", default=None, help="--run: the method's parameters as JSON (default: its first grid setting)")
+    p.add_argument("--seed", type=int, default=0, help="--run / --probe: the training seed")
+    p.add_argument("--role", default="final", help="--run: the role written into the run's JSON")
+    p.add_argument("--probe", type=float, default=None, help="train --run's method for this many seconds, print the step rate, exit")
+    p.add_argument("--probe_warmup", type=int, default=3, help="--probe: steps not timed at the start")
+    p.add_argument("--no_report", action="store_true", help="--run: do not write the report")
     p.add_argument("--limit_train_batches", type=int, default=None, help="smoke tests only")
     p.add_argument("--limit_eval_batches", type=int, default=None, help="smoke tests only: evaluate this many batches")
     return p.parse_args(argv)
@@ -117,8 +149,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # -- configurations ---------------------------------------------------------------------------------------------
 
 
+def train_size(args: argparse.Namespace) -> int:
+    """Training sentences: ``--train_subset``, or all of train.tsv with ``--train_subset 0``."""
+    if args.train_subset:
+        return args.train_subset
+    with open(os.path.join(args.data_dir, "train.tsv"), encoding="utf-8") as f:
+        return sum(1 for _ in f) - 1
+
+
 def steps_per_epoch(args: argparse.Namespace) -> int:
-    n = math.ceil(args.train_subset / args.batch_size)
+    n = math.ceil(train_size(args) / args.batch_size)
     return min(n, args.limit_train_batches) if args.limit_train_batches else n
 
 
@@ -204,15 +244,22 @@ class StepTimer(Callback):
 
 
 def make_trainer(args: argparse.Namespace, callbacks: List[Callback], **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=callbacks, logger=False,
+    opts = dict(
+        accelerator=args.accelerator, devices=1, max_epochs=args.epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, precision="32-true", **kwargs,
+        num_sanity_val_steps=0, limit_val_batches=0, precision=args.precision,
     )
+    opts.update(kwargs)
+    return L.Trainer(**opts)
 
 
 def new_model(args: argparse.Namespace) -> SentenceClassifier:
-    return SentenceClassifier(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio)
+    return SentenceClassifier(lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length)
+
+
+def eval_device(args: argparse.Namespace) -> torch.device:
+    """Where the evaluations run: the training accelerator's device (Lightning moves the model back to the CPU after fit)."""
+    return torch.device("cuda") if args.accelerator in ("cuda", "gpu") else torch.device("cpu")
 
 
 def eval_batches(args: argparse.Namespace, dm: TSVDataModule, split: str) -> Iterable[Any]:
@@ -222,8 +269,13 @@ def eval_batches(args: argparse.Namespace, dm: TSVDataModule, split: str) -> Ite
 
 def evaluate(args: argparse.Namespace, model: SentenceClassifier, dm: TSVDataModule, split: str, epsilons: Sequence[float]) -> Dict[str, float]:
     """Clean accuracy and loss, robust accuracy and loss gain per epsilon (the per-example fast-gradient attack)."""
-    model.eval()
-    return robust_accuracy(model, model.robust_forward, eval_batches(args, dm, split), epsilon=list(epsilons), norm_type="l2", steps=1)
+    device = eval_device(args)
+    model.to(device).eval()
+
+    def forward(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return model.robust_forward({k: v.to(device) for k, v in batch.items()})
+
+    return robust_accuracy(model, forward, eval_batches(args, dm, split), epsilon=list(epsilons), norm_type="l2", steps=1)
 
 
 def train(args: argparse.Namespace, dm: TSVDataModule, method: str, params: Dict[str, float], seed: int, name: str) -> Tuple[SentenceClassifier, Dict[str, Any]]:
@@ -262,8 +314,8 @@ def probe_epsilons(args: argparse.Namespace, model: SentenceClassifier, dm: TSVD
     token_norms, sentence_norms = [], []
     with torch.no_grad():
         for batch in eval_batches(args, dm, "dev"):
-            mask = batch["attention_mask"].bool()
-            out = emb(batch["input_ids"])
+            out = emb(batch["input_ids"].to(emb.weight.device))
+            mask = batch["attention_mask"].bool().to(out.device)
             token_norms.append(out.norm(dim=-1)[mask])
             sentence_norms.append((out * mask.unsqueeze(-1)).flatten(1).norm(dim=1))
     info = {
@@ -324,6 +376,89 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+TEXT_ATTACK_NAME = "DeepWordBug (TextAttack's DeepWordBugGao2018 recipe; lightning_adv.core.text_attack)"
+
+
+def text_attack_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """What a run's ``text_attack`` block must have been measured with to count (None: not measured)."""
+    if not args.text_attack_n:
+        return None
+    return {"attack": TEXT_ATTACK_NAME, "split": "test", "n": args.text_attack_n, "seed": args.text_attack_seed,
+            "max_edit_distance": 30, "max_length": args.max_length, "stopwords": "NLTK English (179)"}
+
+
+def checkpoint_path(args: argparse.Namespace, name: str) -> Optional[str]:
+    return os.path.join(args.ckpt_dir, name + ".pt") if args.ckpt_dir else None
+
+
+def save_checkpoint(args: argparse.Namespace, model: SentenceClassifier, name: str) -> Optional[str]:
+    """The run's final weights (the transformers model's state dict, float32)."""
+    path = checkpoint_path(args, name)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.model.state_dict().items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def load_checkpoint(args: argparse.Namespace, name: str) -> Optional[SentenceClassifier]:
+    path = checkpoint_path(args, name)
+    if not path or not os.path.exists(path):
+        return None
+    model = new_model(args)
+    model.model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model
+
+
+def text_attack(args: argparse.Namespace, model: SentenceClassifier, dm: TSVDataModule, name: str) -> Dict[str, Any]:
+    """DeepWordBug on ``--text_attack_n`` test sentences; the summary for the run's JSON, the per-sentence results to
+    ``<runs_dir>/deepwordbug/<name>.json``."""
+    from lightning_adv.core.text_attack import deepwordbug_attack, select_examples
+
+    texts, labels = dm.text_examples("test")
+    chosen = select_examples(len(texts), args.text_attack_n, args.text_attack_seed)
+    model.to(eval_device(args)).eval()
+    t0 = time.perf_counter()
+    results, summary = deepwordbug_attack(
+        model.predict_texts, [texts[i] for i in chosen], [labels[i] for i in chosen], seed=args.text_attack_seed,
+        max_edit_distance=30, batch_size=args.text_attack_batch,
+    )
+    elapsed = time.perf_counter() - t0
+    write_json(os.path.join(args.runs_dir, "deepwordbug", name + ".json"),
+               {"name": name, "config": text_attack_config(args), "indices": chosen, "summary": summary,
+                "results": [r.to_dict() for r in results]})
+    print(f"[text] {name}: DeepWordBug on {len(chosen)} test sentences: clean {100 * summary['clean_acc']:.1f}%, under "
+          f"attack {100 * summary['attack_acc']:.1f}%, success rate {100 * summary['attack_success_rate']:.1f}%, "
+          f"{summary['queries']:.1f} queries, {summary['perturbed_word_pct']:.1f}% words perturbed, {elapsed:.0f} s", flush=True)
+    return {"config": text_attack_config(args), "summary": summary, "eval_s": elapsed,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(torch.get_num_threads())}
+
+
+def add_text_attack(args: argparse.Namespace, dm: TSVDataModule, done: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """A finished run without the current text-attack evaluation: evaluated from its checkpoint if there is one."""
+    want = text_attack_config(args)
+    if want is None or (done.get("text_attack") or {}).get("config") == want:
+        return done
+    model = load_checkpoint(args, done["name"])
+    if model is None:
+        print(f"[text] {done['name']}: no checkpoint, DeepWordBug not measured", flush=True)
+        return done
+    done = dict(done, text_attack=text_attack(args, model, dm, done["name"]))
+    write_json(path, done)
+    return done
+
+
+TIMING_KEYS = ("steps", "train_s", "fit_s", "s_per_step", "s_per_step_mean", "s_per_step_attacked", "load_start", "load_mean",
+               "wall_s", "dev_eval_s", "test_eval_s", "hardware", "finished")
+
+
+def keep_first_timing(result: Dict[str, Any], previous: Dict[str, Any]) -> Dict[str, Any]:
+    """A run trained again (``--rerun``): its timings stay those of its first training (the cost columns compare runs
+    made under the same conditions); the new ones go under ``rerun``, the first run's whole record under ``previous``."""
+    rerun = {k: result[k] for k in TIMING_KEYS if k in result}
+    return dict(result, **{k: previous[k] for k in TIMING_KEYS if k in previous}, rerun=rerun, previous=previous)
+
+
 def ensure_run(args: argparse.Namespace, dm: TSVDataModule, method: str, params: Dict[str, float], seed: int, role: str) -> Dict[str, Any]:
     name = run_name(method, params, seed)
     path = os.path.join(args.runs_dir, name + ".json")
@@ -332,12 +467,17 @@ def ensure_run(args: argparse.Namespace, dm: TSVDataModule, method: str, params:
     if done is not None and (epsilons is None or done.get("protocol") != protocol(args, epsilons) or done.get("params") != params):
         print(f"[redo] {name}: done under another protocol", flush=True)
         done = None
+    previous = None
+    if done is not None and name in args.rerun:
+        print(f"[redo] {name}: --rerun (its earlier numbers are kept in the JSON under 'previous')", flush=True)
+        previous, done = {k: v for k, v in done.items() if k != "previous"}, None
     if done is not None:
         print(f"[skip] {name}: already done", flush=True)
-        return done
+        return add_text_attack(args, dm, done, path)
     print(f"[run ] {name} ({role}) started {time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.perf_counter()
     model, info = train(args, dm, method, params, seed, name)
+    ckpt = save_checkpoint(args, model, name)
     if epsilons is None:
         probe = probe_epsilons(args, model, dm, name)
         write_json(epsilons_path(args), probe)
@@ -354,6 +494,13 @@ def ensure_run(args: argparse.Namespace, dm: TSVDataModule, method: str, params:
         "wall_s": time.perf_counter() - t0, "hardware": hardware(torch.get_num_threads()),
         "protocol": protocol(args, epsilons), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if text_attack_config(args) is not None:
+        result["text_attack"] = text_attack(args, model, dm, name)
+        result["wall_s"] = time.perf_counter() - t0
+    if ckpt:
+        result["checkpoint"] = os.path.relpath(ckpt, ROOT) if os.path.abspath(ckpt).startswith(ROOT + os.sep) else ckpt
+    if previous is not None:
+        result = keep_first_timing(result, previous)
     write_json(path, result)
     rob = ", ".join(f"{100 * result[f'test_robust_acc@{epsilon_key(e)}']:.1f}" for e in epsilons)
     print(f"[done] {name}: dev acc {100 * result['dev_clean_acc']:.2f} | test acc {100 * result['test_clean_acc']:.2f}, robust "
@@ -404,8 +551,68 @@ def benchmark(args: argparse.Namespace) -> None:
 def data_module(args: argparse.Namespace) -> TSVDataModule:
     return TSVDataModule(
         data_dir=args.data_dir, max_length=args.max_length, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, train_subset=args.train_subset, subset_seed=args.subset_seed,
+        eval_batch_size=args.eval_batch_size, train_subset=args.train_subset or None, subset_seed=args.subset_seed,
     )
+
+
+def text_attack_only(args: argparse.Namespace) -> None:
+    """DeepWordBug for every finished run that lacks it and has a checkpoint; then the report."""
+    dm = data_module(args)
+    epsilons = known_epsilons(args)
+    for run in collect(args, protocol(args, epsilons)) if epsilons else []:
+        add_text_attack(args, dm, run, os.path.join(args.runs_dir, run["name"] + ".json"))
+    write_report(args)
+
+
+def single_run(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--run METHOD [--params JSON] --seed S``: one run (trained unless done), evaluated, written; the report."""
+    params = json.loads(args.params) if args.params else dict(grid(args, args.run)[0])
+    if args.run == "awp" and "start_step" not in params:
+        params["start_step"] = grid(args, "awp")[0]["start_step"]
+    result = ensure_run(args, data_module(args), args.run, params, args.seed, args.role)
+    if not args.no_report:
+        write_report(args, quiet=True)
+    return result
+
+
+class StopAfter(Callback):
+    """Stops training after ``seconds`` of training steps (the first ``skip`` steps not counted: warm-up)."""
+
+    def __init__(self, seconds: float, skip: int = 3) -> None:
+        self.seconds, self.skip = seconds, skip
+        self.times: List[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's time, not its launch
+        self.times.append(time.perf_counter() - self._t)
+        if sum(self.times[self.skip:]) >= self.seconds:
+            trainer.should_stop = True
+
+
+def probe(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--probe SECONDS --run METHOD``: train that method for SECONDS of steps; print one JSON line with the rate."""
+    method = args.run or "pgd"
+    params = json.loads(args.params) if args.params else dict(grid(args, method)[0])
+    if method == "awp":
+        params["start_step"] = 0
+    L.seed_everything(args.seed, verbose=False)
+    dm = data_module(args)
+    stop = StopAfter(args.probe, skip=args.probe_warmup)
+    attack = attack_callback(method, params)
+    trainer = make_trainer(args, [stop] + ([attack] if attack else []), max_epochs=1000)  # stopped by time
+    t0 = time.perf_counter()
+    trainer.fit(new_model(args), datamodule=dm)
+    timed = stop.times[stop.skip:]
+    out = {"method": method, "steps": len(timed), "seconds": sum(timed), "steps_per_s": len(timed) / max(sum(timed), 1e-9),
+           "s_per_step": statistics.median(timed) if timed else float("nan"), "wall_s": time.perf_counter() - t0,
+           "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+    print("PROBE " + json.dumps(out), flush=True)
+    return out
 
 
 # -- side-by-side step timing -----------------------------------------------------------------------------------
@@ -657,6 +864,9 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
                   + f" | {pm([r['test_clean_loss'] for r in rs], 1.0, 3)} |")
     L_.append("")
 
+    L_ += text_attack_section(args, methods, final, runs, base)
+    L_ += full_size_section(args)
+
     # search
     L_ += [
         f"## Hyperparameter search (seed {s0})",
@@ -812,6 +1022,101 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
     print(f"wrote {os.path.join(args.results_dir, 'sst2.md')} and sst2.png ({status})", flush=True)
 
 
+TEXT_COLS = [("clean_acc", "clean acc", 100.0), ("attack_acc", "acc under attack", 100.0),
+             ("attack_success_rate", "success rate", 100.0), ("queries", "queries", 1.0),
+             ("perturbed_word_pct", "words perturbed (%)", 1.0)]
+
+
+def text_attack_cells(rs: List[Dict[str, Any]], single: bool = False) -> List[str]:
+    """Mean ± std over the runs' DeepWordBug summaries; ``single``: one run's values."""
+    done = [r["text_attack"]["summary"] for r in rs if r.get("text_attack")]
+    if single and len(done) == 1:
+        return [f"{done[0][k] * scale:.{1 if scale == 1.0 else 2}f}" for k, _, scale in TEXT_COLS]
+    return [pm([d[k] for d in done], scale, 1 if scale == 1.0 else 2) if done else "–" for k, _, scale in TEXT_COLS]
+
+
+def text_attack_section(args: argparse.Namespace, methods: List[str], final: Dict[str, List[Dict[str, Any]]],
+                        runs: List[Dict[str, Any]], base: Dict[int, Dict[str, Any]]) -> List[str]:
+    """DeepWordBug: per method (the runs measured so far), and which runs still need it."""
+    cfg = text_attack_config(args)
+    if cfg is None:
+        return []
+    measured = [r for r in runs if (r.get("text_attack") or {}).get("config") == cfg]
+    missing = [r["name"] for r in runs if r not in measured]
+    L_ = [
+        "## Text-level robustness (DeepWordBug)",
+        "",
+        f"Accuracy when each of {cfg['n']} test sentences (drawn with seed {cfg['seed']}) is attacked on its *text* by "
+        "DeepWordBug (Gao et al. 2018), TextAttack's `DeepWordBugGao2018` recipe as re-implemented in "
+        "`lightning_adv.core.text_attack` (tested against TextAttack 0.3.11 on shared cases): the words ranked by how "
+        "much replacing each by `[UNK]` lowers the true class's probability, then, most important first, one random "
+        "character swap, substitution, deletion or insertion per word, the best kept while it helps, until the "
+        "prediction flips; stopwords (NLTK) never changed, Levenshtein distance to the sentence at most 30. A black-box "
+        "attack on the input itself, unlike the embedding-space radii above. *acc under attack*: sentences classified "
+        "right and not flipped, over all; *success rate*: flipped over classified right; *queries*: mean model calls "
+        "per attacked sentence; *words perturbed*: mean % of the words changed in a successful attack. Mean ± std over "
+        "the seeds measured (n=1: one seed).",
+        "",
+        "| method | seeds measured | " + " | ".join(label for _, label, _ in TEXT_COLS) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in TEXT_COLS) + " |",
+    ]
+    for m in methods:
+        rs = [r for r in final[m] if r in measured]
+        seeds = ", ".join(str(r["seed"]) for r in rs) or "none yet"
+        L_.append(f"| {LABELS[m]} | {seeds} | " + " | ".join(text_attack_cells(rs)) + " |")
+    L_.append("")
+    if measured:
+        L_ += ["Per run:", "", "| run | " + " | ".join(label for _, label, _ in TEXT_COLS) + " | eval (min) | measured |",
+               "| --- | " + " | ".join("---:" for _ in TEXT_COLS) + " | ---: | --- |"]
+        for r in measured:
+            t = r["text_attack"]
+            L_.append(f"| {r['name']} | " + " | ".join(text_attack_cells([r], single=True)) + f" | {t['eval_s'] / 60:.1f} | {t['when']} |")
+        L_.append("")
+        reruns = [r for r in measured if r.get("previous")]
+        for r in reruns:
+            prev = r["previous"]
+            accs = [k for k in prev if k.startswith(("dev_", "test_")) and "_acc" in k]
+            losses = [k for k in prev if k.startswith(("dev_", "test_")) and "loss" in k]
+            d_acc = max(abs(r[k] - prev[k]) for k in accs)
+            d_loss = max(abs(r[k] - prev[k]) for k in losses)
+            again = r.get("rerun", {})
+            L_.append(f"`{r['name']}` was trained again on {again.get('finished', '?')} to save its checkpoint (`--rerun`; "
+                      f"{again.get('hardware', '?')}): its {len(accs)} clean and robust accuracies on dev and test "
+                      + ("equal those of its first training" if d_acc == 0 else f"differ from its first training by up to {100 * d_acc:.2f} points")
+                      + f", its losses by at most {d_loss:.1e} (float rounding); its timings in the tables are the first training's.")
+        if reruns:
+            L_.append("")
+    if missing:
+        L_ += [f"Not measured yet ({len(missing)} of {len(runs)} runs): " + ", ".join(f"`{n}`" for n in missing)
+               + ". These runs finished before checkpoints were saved, so they need training again (`--rerun NAME`, or "
+               "deleting their JSON) to be attacked; from now on every run saves its final weights to `--ckpt_dir` and "
+               "`--text_attack_only` evaluates any finished run from its checkpoint.", ""]
+    # a few adversarial examples of the first measured run
+    first = measured[0] if measured else None
+    detail = read_json(os.path.join(args.runs_dir, "deepwordbug", first["name"] + ".json")) if first else None
+    if detail:
+        wins = [r for r in detail["results"] if r["status"] == "succeeded"][:3]
+        if wins:
+            L_ += [f"Examples (`{first['name']}`, the first successful attacks of the sample):", ""]
+            for r in wins:
+                L_.append(f"- {r['label']} → {r['pred']}: `{r['text']}` → `{r['perturbed_text']}` ({r['queries']} queries)")
+            L_.append("")
+    return L_
+
+
+FULL_RUNS = os.path.join(RESULTS, "sst2_full_runs")
+
+
+def full_size_section(args: argparse.Namespace) -> List[str]:
+    """The "full size, GPU" table, from ``<results_dir>/sst2_full_runs/summary.json`` written by
+    ``benchmarks/gpu_full_sst2.py`` (absent until that script has run)."""
+    info = read_json(os.path.join(args.results_dir, "sst2_full_runs", "summary.json"))
+    if not info:
+        return ["## Full size, GPU", "", "Not run yet: `benchmarks/gpu_full_sst2.py` (all 67,349 training sentences, 2 "
+                "epochs, every method at its selected setting, 3 seeds, on one GPU) writes this table.", ""]
+    return info["markdown"]
+
+
 def chart(args: argparse.Namespace, final: Dict[str, List[Dict[str, Any]]], chosen: Dict[str, Any], keys: List[str],
           meas: Optional[Dict[str, Any]], proto: Dict[str, Any], path: str, status: str) -> None:
     import matplotlib
@@ -873,7 +1178,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     hf_logging.disable_progress_bar()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "GPU available" lines for every run
-    if args.report_only:
+    if args.probe is not None:
+        probe(args)
+    elif args.run is not None:
+        single_run(args)
+    elif args.text_attack_only:
+        text_attack_only(args)
+    elif args.report_only:
         write_report(args)
     elif args.measure:
         measure(args)

@@ -87,8 +87,9 @@ class SentenceClassifier(L.LightningModule):
     """A ``transformers`` ``AutoModelForSequenceClassification`` fine-tuned with AdamW and a linear schedule.
 
     Implements the ``robust_forward(batch) -> (logits, labels)`` protocol of
-    :class:`lightning_adv.callbacks.robust.RobustAccuracy`; ``training_step`` returns ``{"loss", "logits"}``, so
-    every callback works with it, SMARTCallback and R3FCallback included.
+    :class:`lightning_adv.callbacks.robust.RobustAccuracy` and the ``predict_texts(texts) -> logits`` protocol of
+    :class:`lightning_adv.TextAttackAccuracy`; ``training_step`` returns ``{"loss", "logits"}``, so every callback
+    works with it, SMARTCallback and R3FCallback included.
 
     Args:
         model_name_or_path: a local model directory or Hub name; None: the pretrained MiniLM-L6 of the
@@ -97,6 +98,7 @@ class SentenceClassifier(L.LightningModule):
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
         warmup_ratio: fraction of the training steps with a linear warm-up, then a linear decay to 0.
+        max_length: ``predict_texts`` truncates sentences to this many tokens (linked to the datamodule's by the CLI).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class SentenceClassifier(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
+        max_length: int = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -117,7 +120,8 @@ class SentenceClassifier(L.LightningModule):
             resolve_model_path(model_name_or_path), num_labels=num_labels
         )
         self.model.train()  # from_pretrained returns the model in eval mode; Lightning keeps the modes it finds
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.lr, self.weight_decay, self.warmup_ratio, self.max_length = lr, weight_decay, warmup_ratio, max_length
+        self._tokenizer: Any = None
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
 
@@ -127,6 +131,16 @@ class SentenceClassifier(L.LightningModule):
 
     def robust_forward(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return self(batch), batch["labels"]
+
+    def predict_texts(self, texts: List[str]) -> torch.Tensor:
+        """Logits of raw sentences, tokenized as :class:`TSVDataModule` does (truncated to ``max_length`` tokens,
+        padded to the longest): the protocol of :class:`lightning_adv.TextAttackAccuracy`."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
+        enc = self._tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        return self({k: v.to(self.device) for k, v in enc.items()})
 
     def training_step(self, batch: Batch, batch_idx: int) -> Dict[str, torch.Tensor]:
         """The loss and the logits: SMARTCallback and R3FCallback compare the logits of their passes."""
@@ -203,6 +217,7 @@ class TSVDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
         self.train_subset, self.subset_seed, self.num_workers = train_subset, subset_seed, num_workers
         self.splits: Dict[str, List[Dict[str, Any]]] = {}
+        self.raw: Dict[str, Tuple[List[str], List[int]]] = {}
         self.pad_id = 0
 
     def _split(self, name: str) -> List[Dict[str, Any]]:
@@ -215,10 +230,18 @@ class TSVDataModule(L.LightningDataModule):
             if name == "train" and self.train_subset is not None and self.train_subset < len(texts):
                 keep = sorted(random.Random(self.subset_seed).sample(range(len(texts)), self.train_subset))
                 texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+            self.raw[name] = (texts, labels)
             enc = tokenizer(texts, truncation=True, max_length=self.max_length)
             keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
             self.splits[name] = [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(texts))]
         return self.splits[name]
+
+    def text_examples(self, stage: str) -> Tuple[List[str], List[int]]:
+        """The raw sentences and labels of the test split (``stage="test"``) or of dev (``"validate"``): the protocol
+        of :class:`lightning_adv.TextAttackAccuracy`."""
+        name = {"test": "test", "validate": "dev", "predict": "test"}[stage]
+        self._split(name)
+        return self.raw[name]
 
     def setup(self, stage: str) -> None:
         names = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": ["test"]}[stage]
@@ -276,6 +299,7 @@ class SST2CLI(LightningCLI):
         parser.add_lightning_class_args(RobustAccuracy, "robust")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("data.max_length", "model.max_length")
         parser.link_arguments("model.num_labels", "robust.num_classes")
         parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_top_k": 1,
                              "checkpoint.filename": "best-{epoch}-{val_acc:.4f}"})

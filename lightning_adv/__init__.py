@@ -5,11 +5,12 @@
 """
 
 from lightning_adv.callbacks import (
-    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback,
-    R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, in_adversarial_pass,
+    AdversarialCallback, AdversarialMixin, AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback,
+    PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy, in_adversarial_pass,
 )
 from lightning_adv.core import (
     AWP, FGM, PGD, R3F, SAM, SMART, FreeLB, GradientStash, Method, MomentumSAM, NEFTune, adversarial_backward,
+    deepwordbug_attack,
 )
 from lightning_adv.fabric import adversarial_backward as fabric_adversarial_backward  # Lightning Fabric loops
 
@@ -17,7 +18,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AWP", "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGM", "FGMCallback", "FreeLB", "FreeLBCallback",
-    "GradientStash", "Method", "MomentumSAM", "MomentumSAMCallback", "NEFTune", "NEFTuneCallback", "PGD", "PGDCallback", "R3F", "R3FCallback",
-    "RobustAccuracy", "SAM", "SAMCallback", "SMART", "SMARTCallback",
-    "adversarial_backward", "fabric_adversarial_backward", "in_adversarial_pass",
+    "GradientStash", "Method", "MomentumSAM", "MomentumSAMCallback", "NEFTune", "NEFTuneCallback", "PGD", "PGDCallback",
+    "R3F", "R3FCallback", "RobustAccuracy", "SAM", "SAMCallback", "SMART", "SMARTCallback", "TextAttackAccuracy",
+    "adversarial_backward", "deepwordbug_attack", "fabric_adversarial_backward", "in_adversarial_pass",
 ]

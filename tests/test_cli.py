@@ -290,7 +290,7 @@ def test_cli_fit_really_attacks(tmp_path: Any) -> None:
 
 
 # -- "did you mean" (issue 21, point 9) --------------------------------------------------------------------------------
-CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback)"
+CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy)"
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ MARKERS = {
     "fabric": "from lightning.fabric import Fabric",
     "sam methods": "SAMCallback(rho=0.05, interval=4)",
     "how to add a method": "class GaussianNoise(Method)",
+    "deepwordbug": "results, summary = deepwordbug_attack(",
 }
 
 
@@ -70,6 +71,10 @@ def test_readme_snippet_runs(name: str, capsys: pytest.CaptureFixture) -> None:
             correct = [(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) == b["labels"]) for b in batches]
         assert metrics["clean_acc"] == pytest.approx(float(torch.cat(correct).float().mean()))
         assert all((b["attention_mask"] == 0).any() for b in batches)  # the batches are padded
+    elif name == "deepwordbug":
+        words = out.split()
+        assert words[0] == "a" and words[1] != "good" and words[2] == "film"  # "good" misspelt: the prediction flipped
+        assert words[3:5] == ["0.5", "0.5"]  # "a dull film" holds: accuracy under attack 0.5, success rate 1 of 2
     elif name == "fabric":
         assert len(namespace["outcomes"]) == 2 and not any(bool(o.skipped) for o in namespace["outcomes"])
         assert torch.isfinite(namespace["loss"])

@@ -14,10 +14,12 @@ from lightning_adv.callbacks.r3f import R3FCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
 from lightning_adv.callbacks.sam import MomentumSAMCallback, SAMCallback
 from lightning_adv.callbacks.smart import SMARTCallback
+from lightning_adv.callbacks.text_attack import TextAttackAccuracy
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback", "in_adversarial_pass",
+    "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback",
+    "TextAttackAccuracy", "in_adversarial_pass",
 ]
 
 _register_cli_types()
