@@ -1,6 +1,6 @@
 """Smoke test of ``benchmarks/attack_cost.py`` and its library ``benchmarks/cost``: the ``--quick`` mode on a tiny BERT
-(the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F and
-SMART snippets it uses as baselines compute what our methods compute."""
+(the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F,
+SMART, SAM, Momentum-SAM and NEFTune snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
@@ -239,3 +239,85 @@ def test_reference_smart_matches_ours(steps, norm):
     _assert_same(ref_model, our_model)
     _assert_regularised(our_model, batch)
     assert float(outcome.loss) > 0 and not bool(outcome.skipped)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_reference_sam_matches_ours(adaptive):
+    from reference_snippets import RefSAM
+
+    from lightning_adv import SAM
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    rho = 0.5 if adaptive else 0.05
+    # davda54/sam's loop: backward, first_step(zero_grad=True), the pass at w + e(w), second_step (its base step aside)
+    ref_model(**batch).loss.backward()
+    ref = RefSAM(ref_model, rho=rho, adaptive=adaptive)
+    ref.first_step(zero_grad=True)
+    ref_model(**batch).loss.backward()
+    ref.second_step()
+    our_model(**batch).loss.backward()
+    SAM(our_model, rho=rho, adaptive=adaptive).attack_backward(lambda: our_model(**batch).loss)
+    _assert_same(ref_model, our_model)  # the gradient at w + e(w), the weights back at w
+    _assert_regularised(our_model, batch)
+
+
+def test_reference_msam_matches_ours():
+    """Three AdamW steps (weight_decay=0: the source decays after the update, torch's AdamW before): ours on the
+    loop's optimizer, the reference MSAM optimizer moved back from its ascent point at the end."""
+    from reference_snippets import RefMSAM
+
+    from lightning_adv import MomentumSAM
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    plain_model = copy.deepcopy(our_model)
+    settings = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ref_opt = RefMSAM(ref_model.parameters(), rho=0.3, **settings)
+    our_opt = torch.optim.AdamW(our_model.parameters(), **settings)
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), **settings)
+    msam = MomentumSAM(our_model, our_opt, rho=0.3)
+    for _ in range(3):
+        ref_opt.zero_grad(set_to_none=True)
+        ref_model(**batch).loss.backward()
+        ref_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+        adversarial_backward(our_model, [msam], lambda: our_model(**batch).loss)
+        our_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        plain_model(**batch).loss.backward()
+        plain_opt.step()
+    assert float(msam.last_shift) == pytest.approx(0.3)  # the last clean pass ran at weights moved by rho
+    ref_grads, our_grads = _grads(ref_model), _grads(our_model)
+    for name in ref_grads:  # the last step's gradient, taken at the ascent point on both sides
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    ref_opt.move_back_from_momentumAscent()
+    for (name, p), q in zip(ref_model.named_parameters(), our_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(our_model.parameters(), plain_model.parameters()))
+    assert moved > 1e-6, moved  # and Momentum-SAM changed the training
+
+
+def test_reference_neftune_matches_ours():
+    """transformers' own hook (the global generator) and ours (a generator seeded alike), in float64: the hook
+    computes its magnitude in the default dtype."""
+    from reference_snippets import RefNEFTune
+
+    from lightning_adv import NEFTune
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(5)
+        RefNEFTune(ref_model, noise_alpha=5.0).attack_backward(
+            batch, lambda **inputs: ref_model(**inputs).loss, lambda loss: loss.backward()
+        )
+        neftune = NEFTune(our_model, noise_alpha=5.0, generator=torch.Generator().manual_seed(5))
+        adversarial_backward(our_model, [neftune], lambda: our_model(**batch).loss)
+    finally:
+        torch.set_default_dtype(previous)
+    emb = ref_model.get_input_embeddings()
+    assert not emb._forward_hooks and not hasattr(emb, "neftune_noise_alpha")  # the hook lived for the step only
+    _assert_same(ref_model, our_model)
+    _assert_regularised(our_model, batch)
