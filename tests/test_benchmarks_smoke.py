@@ -17,10 +17,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "attack_cost.py")
-METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart")
+METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart", "sam", "msam", "neftune")
 LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)",
-          "r3f": "R3F", "smart": "SMART (steps=1)"}
-LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00"}
+          "r3f": "R3F", "smart": "SMART (steps=1)", "sam": "SAM", "msam": "Momentum-SAM", "neftune": "NEFTune"}
+LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00", "sam": "1.00",
+          "msam": "0.00", "neftune": "0.00"}
+# the bar of the verdict and the diagnosis: the limit + 0.10 (the issues' bar), NEFTune's + 0.05 (issue 20)
+BARS = {m: f"{float(LIMITS[m]) + (0.05 if m == 'neftune' else 0.10):.2f}" for m in METHODS}
+PARAMETER_METHODS = ("fgm", "awp", "pgd", "sam")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,10 @@ def test_quick_benchmark_writes_the_table(quick_run):
     table = text[text.index("## X by"): text.index("The same by")]
     rows = [line for line in table.splitlines() if line.startswith("| tiny (")]
     assert len(rows) == len(METHODS)
-    for row, method in zip(rows, METHODS):  # one row per method, with its physical limit
-        assert f"| {LABELS[method]} | {LIMITS[method]} |" in row, row
+    for row, method in zip(rows, METHODS):  # one row per method, with its physical limit and its bar
+        assert f"| {LABELS[method]} | {LIMITS[method]} | {BARS[method]} |" in row, row
+        verdicts = row.rstrip(" |").rsplit("| ", 1)[1]
+        assert all(v in ("yes", "no", "undecided") for v in verdicts.split(" / ")), row
     assert "X = (T_attack − T_plain) / T_fwd+bwd" in text
     assert "Machine:" in text and "torch" in text and "cores" in text and "## Load" in text
     (res,) = results["models"]
@@ -61,7 +67,7 @@ def test_quick_benchmark_writes_the_table(quick_run):
                 _assert_spread(res["X"][clock][method][key])
         assert all(ms > 0 for ms in res["median_ms"][clock].values())
         assert {f"{side}_{m}" for m in METHODS for side in ("ref", "ours", "L")} <= set(res["median_ms"][clock])
-    assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in ("fgm", "awp", "pgd") for side in ("ref", "ours")}
+    assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in PARAMETER_METHODS for side in ("ref", "ours")}
     assert all(ms > 0 for ms in res["arithmetic_ms"].values())
 
 
@@ -94,7 +100,7 @@ def test_quick_benchmark_counts_the_passes(quick_run):
             assert counts[variant]["backwards"] - 1 == limit, (variant, counts[variant])
             assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
             assert counts[variant]["py_calls"] > 0  # the engine ran
-    for method in ("fgm", "awp", "pgd", "freelb"):  # full backward passes: to the word-embedding weight
+    for method in ("fgm", "awp", "pgd", "freelb", "sam", "msam", "neftune"):  # full backward passes: to the word-embedding weight
         assert counts[f"ours_{method}"]["weight_backwards"] == 1 + float(LIMITS[method])
     for method in METHODS:
         phases = res["phases_ms"]["cpu"][f"L_{method}"]
@@ -108,14 +114,16 @@ def test_quick_benchmark_saved_state(quick_run):
     _, results = quick_run
     saved = results["models"][0]["saved"]
     # ours: at most one copy of the perturbed parameters; the reference AWP keeps three (backup and two bounds),
-    # the reference PGD the embedding backup and a copy of every gradient
-    for method in ("fgm", "awp", "pgd"):
+    # the reference PGD the embedding backup and a copy of every gradient, the reference SAM a copy of every weight
+    for method in PARAMETER_METHODS:
         assert 0 < saved[method]["ours"] <= saved[method]["perturbed"]
     assert saved["fgm"]["ref"] == saved["fgm"]["perturbed"]
+    assert saved["sam"]["ref"] == saved["sam"]["perturbed"]
     assert saved["awp"]["ref"] == 3 * saved["awp"]["perturbed"]
     assert saved["pgd"]["ref"] == saved["pgd"]["perturbed"] + saved["pgd"]["grads"]
-    for method in ("freelb", "r3f", "smart"):
+    for method in ("freelb", "r3f", "smart", "neftune"):
         assert saved[method]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
+    assert saved["msam"] == {"delta": None}  # Momentum-SAM exposes no saved state
 
 
 # -- the baselines compute what our methods compute --------------------------------------------------------------
