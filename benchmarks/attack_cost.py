@@ -7,7 +7,8 @@ The measurement is in ``benchmarks/cost/`` (see its ``__init__``); this script p
 writes the report (Markdown, keeping a hand-written ``## Notes`` section of an existing file, and JSON). Variants:
 a hand-written loop without attack (``plain``), a forward+backward of the same batch (``fwd_bwd``, the unit), the
 loop with the reference snippets (``ref_<method>``) and with our methods (``ours_<method>``), Lightning without
-(``L_plain``) and with our callbacks (``L_<method>``); limits: the number of adversarial passes.
+(``L_plain``) and with our callbacks (``L_<method>``); limits: the number of adversarial passes; bars: the limit plus
+the issue's tolerance (0.10; NEFTune 0.05).
 
 Usage::
 
@@ -38,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from cost import clocks  # noqa: E402
-from cost.config import LR, METHODS, MODELS, PARAMETER_METHODS, PRECISIONS, TOLERANCE, peak_variants, short  # noqa: E402
+from cost.config import LR, METHODS, MODELS, PARAMETER_METHODS, PRECISIONS, bar, peak_variants, short, tolerance  # noqa: E402
 from cost.memory import measure_peaks  # noqa: E402
 from cost.models import machine, quiet  # noqa: E402
 from cost.rounds import Options, measure_model  # noqa: E402
@@ -113,8 +114,18 @@ def _table(head: List[str], rows: List[List[Any]], left: int = 2) -> List[str]:
             + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def _tolerances(methods: Sequence[str]) -> str:
+    """``limit + 0.10; NEFTune limit + 0.05``: the tolerances of ``methods``, the most common first."""
+    counts: Dict[float, List[str]] = {}
+    for m in methods:
+        counts.setdefault(tolerance(m), []).append(short(m))
+    ordered = sorted(counts.items(), key=lambda kv: -len(kv[1]))
+    parts = [f"limit + {t:.2f}" if i == 0 else f"{', '.join(names)} limit + {t:.2f}" for i, (t, names) in enumerate(ordered)]
+    return "; ".join(parts)
+
+
 def diagnose(results: Dict[str, Any], clock: str) -> List[str]:
-    """One line per X over the bar (or undecided): more passes than the limit is a regression of the engine; the
+    """One line per X over its bar (or undecided): more passes than the limit is a regression of the engine; the
     limit's passes under load is load until a quiet run says otherwise; on a quiet machine it is overhead outside the
     passes, to bisect with ``compare_commits.py``."""
     out = []
@@ -130,7 +141,7 @@ def diagnose(results: Dict[str, Any], clock: str) -> List[str]:
                 flops = f", X by FLOPs {res['X_flops'][variant]:.2f}" if variant in res.get("X_flops", {}) else ""
                 if cnt and max(cnt["forwards"], cnt["backwards"]) - 1 > limit:
                     why = "**more passes than the limit: a regression of the engine**"
-                elif x["value"] <= limit + TOLERANCE:
+                elif x["value"] <= bar(m):
                     why = "the value is under the bar, its interval crosses it: too few rounds to decide"
                 elif load == "contaminated":
                     why = ("the limit's passes, on a loaded machine: **load** until a quiet run (or `benchmarks/"
@@ -139,7 +150,8 @@ def diagnose(results: Dict[str, Any], clock: str) -> List[str]:
                     why = ("the limit's passes on a machine not descheduled: time outside the passes (arithmetic, "
                            "machinery: the Lightning *added* column); `benchmarks/compare_commits.py --count` against "
                            "an earlier commit shows what changed")
-                out.append(f"* {res['model']}, {METHODS[m]['label']}, {path}: X {_x(x)} (limit {limit:.2f}); extra "
+                out.append(f"* {res['model']}, {METHODS[m]['label']}, {path}: X {_x(x)} (limit {limit:.2f}, bar "
+                           f"{bar(m):.2f}); extra "
                            f"passes fwd / bwd {passes}{flops}; load {load}: {why}.")
     return out
 
@@ -162,9 +174,14 @@ def render(results: Dict[str, Any]) -> str:
         f"interleaved (every variant once per round, the order rotated by one each round); per round a loop variant "
         f"runs {a['block_warmup']} untimed + `{a['steps']}` timed steps, a Lightning variant one fit of a fresh "
         f"`Trainer` ({a['lightning_warmup']} untimed + `{a['steps']}` timed steps). Ours in the loop: "
-        "`method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD), "
+        "`method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD, SAM), "
         "`lightning_adv.adversarial_backward(model, [method], loss_fn, backward)` for the whole micro-batch (FreeLB, "
-        "R3F, SMART; the snippets run the whole micro-batch too). Public API only (`benchmarks/cost/__init__.py`).",
+        "R3F, SMART, Momentum-SAM on the loop's AdamW, NEFTune; the snippets run the whole micro-batch too). "
+        "Baselines (`benchmarks/reference_snippets.py`): SAM is davda54/sam's `first_step`/`second_step` around the "
+        "pass; Momentum-SAM is MarlonBecker/MSAM's `AdamW_MSAM` optimizer in place of AdamW (the stored weights stay "
+        "at the ascent point between steps; its decoupled weight decay after the update, as in the source); NEFTune "
+        "is transformers' `neftune_post_forward_hook` on the input embedding (registered around each step). Public "
+        "API only (`benchmarks/cost/__init__.py`).",
         "",
         "## Load",
         "",
@@ -203,7 +220,7 @@ def render(results: Dict[str, Any]) -> str:
                 x, cnt = res["X"][c][m], res["counts"].get(f"ours_{m}")
                 ours = _x(x["ours"])
                 row = [f"{res['model']} ({res['batch']}×{res['seq']})", METHODS[m]["label"], f"{METHODS[m]['limit']:.2f}",
-                       f"{f:.1f}", f"{cnt['forwards'] - 1} / {cnt['backwards'] - 1}" if cnt else "–",
+                       f"{bar(m):.2f}", f"{f:.1f}", f"{cnt['forwards'] - 1} / {cnt['backwards'] - 1}" if cnt else "–",
                        f"{res['X_flops'][f'ours_{m}']:.2f}" if res["X_flops"] else "–",
                        f"**{ours}**" if bold else ours, _iqr(x["ours"]), _x(x.get("ref")), _x(x.get("ours_minus_ref"), True)]
                 if lightning:
@@ -212,10 +229,10 @@ def render(results: Dict[str, Any]) -> str:
                 rows.append(row)
         return rows
 
-    head = ["model", "method", "limit", "T_fwd+bwd (ms)", "extra passes ours, fwd / bwd", "X by FLOPs",
+    head = ["model", "method", "limit", "bar", "T_fwd+bwd (ms)", "extra passes ours, fwd / bwd", "X by FLOPs",
             "X ours (loop) [90%]", "IQR", "X baseline", "ours − baseline"]
     head += ["X ours (Lightning)", "Lightning − loop"] if lightning else []
-    head += [f"≤ limit + {TOLERANCE:.2f}: loop" + (" / Lightning" if lightning else "")]
+    head += ["≤ bar: loop" + (" / Lightning" if lightning else "")]
     lines += [
         "", f"## X by {CLOCK_WORDS[clock]}", "",
         "**X = (T_attack − T_plain) / T_fwd+bwd**, the extra cost of the attack in units of one forward+backward "
@@ -225,8 +242,9 @@ def render(results: Dict[str, Any]) -> str:
         "X_r. Differences (*ours − baseline*, *Lightning − loop*) are paired within rounds. *Lightning* uses the plain "
         "Lightning step as T_plain. Load-free columns (`benchmarks/cost/opcount.py`): *extra passes*: model forwards "
         "and backward traversals beyond the clean one, counted in one step; *X by FLOPs*: the same ratio with "
-        "matrix-multiply FLOPs instead of times, the compute floor. Last column: *yes* when the whole interval is at or "
-        f"under limit + {TOLERANCE:.2f}, *no* when it is all above, else *undecided*.",
+        "matrix-multiply FLOPs instead of times, the compute floor. *bar*: the limit plus the issue's tolerance "
+        f"({_tolerances(methods)}). Last column: *yes* when the whole interval is at or under the bar, *no* when it "
+        "is all above, else *undecided*.",
         "",
     ] + _table(head, x_rows(clock, True))
     lines += ["", f"The same by {CLOCK_WORDS[other]}:", ""] + _table(head, x_rows(other, False))
@@ -237,10 +255,10 @@ def render(results: Dict[str, Any]) -> str:
                         [[name, METHODS[m]["label"], _x(xc[m]["ours"]), _x(xc[m].get("lightning"))]
                          for name, xc in clean for m in methods])
 
-    lines += ["", "## Diagnosis", "", f"Every X whose interval is not all at or under its limit + {TOLERANCE:.2f} (by {clock} time), "
+    lines += ["", "## Diagnosis", "", f"Every X whose interval is not all at or under its bar ({_tolerances(methods)}; by {clock} time), "
               "with what tells load from a regression: the passes counted in one step (load-free), X by FLOPs, and the "
               "run's load verdict.", ""]
-    lines += diagnose(results, clock) or ["None: every X is at or under its limit + 0.10."]
+    lines += diagnose(results, clock) or ["None: every X is at or under its bar."]
 
     # times and load-free counts
     lines += ["", "## Times and counts per step", "",
@@ -290,8 +308,10 @@ def render(results: Dict[str, Any]) -> str:
     lines += ["", "## Memory", "",
               "Saved state: the largest number of bytes held by the method's saved copies inside the adversarial closure "
               "and backward (ours: `method.saved_bytes()`; baseline: the snippet's backups), (×) in copies of the "
-              "perturbed parameters; FreeLB, R3F and SMART save no copy and keep δ [batch, tokens, hidden] "
-              "(`method.target.delta`; R3F: its noise):", ""]
+              "perturbed parameters; FreeLB, R3F, SMART and NEFTune save no copy and keep δ [batch, tokens, hidden] "
+              "(`method.target.delta`; R3F, NEFTune: the noise; the NEFTune baseline's noise is as large); Momentum-SAM "
+              "exposes no saved state (its peak memory is in the peak-memory runs; the baseline keeps no copy: its "
+              "stored weights stay moved):", ""]
     rows = []
     for res in results["models"]:
         for m in methods:
@@ -299,6 +319,8 @@ def render(results: Dict[str, Any]) -> str:
             if m in PARAMETER_METHODS:
                 rows.append([res["model"], METHODS[m]["label"], f"{_mib(s['ours'])} ({s['ours'] / s['perturbed']:.2f}×)",
                              f"{_mib(s['ref'])} ({s['ref'] / s['perturbed']:.2f}×)"])
+            elif s.get("delta") is None:
+                rows.append([res["model"], METHODS[m]["label"], "not exposed (see peak memory)", "none"])
             else:
                 rows.append([res["model"], METHODS[m]["label"], f"none (δ {_mib(s['delta'])})", f"none (δ {_mib(s['delta'])})"])
     lines += _table(["model", "method", "ours", "baseline"], rows)

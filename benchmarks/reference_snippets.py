@@ -1,4 +1,5 @@
-"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F and SMART snippets, written from the algorithms.
+"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F, SMART, SAM and Momentum-SAM snippets, written
+from the algorithms, and transformers' own NEFTune hook.
 
 They keep the snippets' structure on purpose (a Python loop over named parameters, host-side checks such as
 ``if norm != 0``, ``param.data = ...`` rebinding, three saved weight-sized copies for AWP, a copy of every
@@ -10,6 +11,9 @@ backward function (the snippets hard-code ``model(x, y, attention_mask)``, autoc
 loss from keyword inputs, and the backward function; ``RefR3F.attack_backward`` and ``RefSMART.attack_backward``
 take the batch, a forward that returns the model's output (``.loss`` when ``labels`` are given, ``.logits``) from
 keyword inputs (a ``transformers`` model itself), and the backward function, and run the whole micro-batch.
+``RefSAM`` is an optimizer wrapper used as its source is (``loss.backward(); first_step(zero_grad=True);
+closure().backward(); second_step()``); ``RefMSAM`` is an optimizer (``torch.optim.Optimizer``) that replaces
+AdamW; ``RefNEFTune.attack_backward`` takes what ``RefFreeLB.attack_backward`` takes.
 
 Sources of the algorithms: FGM and AWP as in the competition write-ups; PGD as ``PGD`` in bert4torch
 (``bert4torch/callbacks.py``, fyubang's competition snippet); FreeLB as ``freelb_train_step`` of zhuchen03/FreeLB
@@ -18,12 +22,15 @@ added to ``model.get_input_embeddings()(input_ids)`` and passed as ``inputs_embe
 ``sentence_prediction_r3f`` of fairseq (``examples/rxf``), moved to a HuggingFace model the usual way (the token
 embeddings computed once and passed as ``inputs_embeds``); SMART as ``SmartPerturbation`` of namisan/mt-dnn
 (``mt_dnn/perturbation.py``, with ``stable_kl`` and ``SymKlCriterion`` of ``mt_dnn/loss.py``) and mt-dnn's
-``loss + adv_alpha * adv_loss``.
+``loss + adv_alpha * adv_loss``; SAM/ASAM as the ``SAM`` optimizer of davda54/sam (``sam.py``: ``first_step``,
+``second_step``); Momentum-SAM as ``AdamW_MSAM`` of MarlonBecker/MSAM (``optimizer/adamW_msam.py``); NEFTune is
+``transformers.integrations.neftune.neftune_post_forward_hook`` itself, registered as transformers' Trainer does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+import math
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -353,4 +360,187 @@ class RefSMART:
         adv_logits = forward(inputs_embeds=embed + noise, **unlabelled).logits
         loss = loss + self.adv_alpha * self.sym_kl(logits, adv_logits)
         backward(loss)
+        return loss.detach()
+
+
+class RefSAM:
+    """davda54/sam's ``SAM`` optimizer, its two steps written out from the source (one parameter group)::
+
+        loss_fn().backward()
+        sam.first_step(zero_grad=True)   # per parameter holding a gradient: old_p = p.clone(); p += e_w
+        loss_fn().backward()             # the gradient at w + e(w)
+        sam.second_step()                # per parameter: p.data = old_p; then the base optimizer's step
+
+    ``e_w = rho * g / (||g|| + 1e-12)``, the norm over every gradient (a stack of per-parameter norms); ASAM
+    (``adaptive``): ``rho * w^2 * g / (||w * g|| + 1e-12)``. The copies ``old_p`` stay in the optimizer's state
+    between steps, as in the source (after ``second_step`` they are the parameters' storage). ``base_optimizer``:
+    the optimizer ``second_step`` steps (the source builds it from its own parameter groups); ``None``: the caller
+    steps it (the benchmark's loop, which goes through its GradScaler).
+    """
+
+    def __init__(self, model: nn.Module, rho: float = 0.05, adaptive: bool = False,
+                 base_optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        assert rho >= 0.0, f"Invalid rho, should be non-negative: {rho}"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.rho, self.adaptive, self.base_optimizer = rho, adaptive, base_optimizer
+        self.state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = {}
+
+    def _grad_norm(self) -> torch.Tensor:
+        shared_device = self.params[0].device
+        return torch.norm(torch.stack([
+            ((torch.abs(p) if self.adaptive else 1.0) * p.grad).norm(p=2).to(shared_device)
+            for p in self.params if p.grad is not None
+        ]), p=2)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        grad_norm = self._grad_norm()
+        scale = self.rho / (grad_norm + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            self.state.setdefault(p, {})["old_p"] = p.data.clone()
+            e_w = (torch.pow(p, 2) if self.adaptive else 1.0) * p.grad * scale.to(p)
+            p.add_(e_w)  # up to w + e(w)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            p.data = self.state[p]["old_p"]  # back to w
+        if self.base_optimizer is not None:
+            self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def attack_backward(self, loss_fn: Any, backward: Any) -> None:
+        """After the clean backward: ``first_step(zero_grad=True)``, the pass at ``w + e(w)``, ``second_step()``."""
+        self.first_step(zero_grad=True)
+        backward(loss_fn())
+        self.second_step()
+
+    def saved_bytes(self) -> int:
+        """Bytes held by the snippet's saved state during the attack: the copies ``old_p``."""
+        return sum(s["old_p"].numel() * s["old_p"].element_size() for s in self.state.values() if "old_p" in s)
+
+
+class RefMSAM(torch.optim.Optimizer):
+    """MarlonBecker/MSAM's ``AdamW_MSAM`` written out from the source (one parameter group): between steps the stored
+    weights stay at the ascent point ``w - rho * m / ||m||`` (``m``: AdamW's ``exp_avg``), so the user's clean
+    forward and backward run there; ``step()`` goes per parameter: back to ``w`` (``+ norm_factor * m``), the AdamW
+    update (decoupled weight decay applied after it, as in the source: ``torch.optim.AdamW`` applies it before), then,
+    with the norm of the new momentum over every parameter, up again (``- norm_factor * m``). ``norm_factor`` is
+    kept as the source keeps it (a 0-dim tensor, used as ``alpha``). :meth:`move_back_from_momentumAscent` returns the
+    stored weights to ``w`` (evaluation, the end of training). The equality tests use ``weight_decay=0``, where the
+    order of the decay does not matter.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: Any = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, rho: float = 0.3) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho))
+        if len(self.param_groups) > 1:
+            raise ValueError("RefMSAM: one parameter group, as the source")
+        self.norm_factor: Any = 0.0
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        exp_avgs = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            exp_avgs.append(exp_avg)
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2 = 1 - beta2 ** step
+            p.add_(exp_avg, alpha=self.norm_factor)  # descent: back from the ascent point
+            exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            p.mul_(1 - lr * weight_decay)
+        if not exp_avgs:
+            return loss
+        ascent_norm = torch.norm(torch.stack([m.norm(p=2) for m in exp_avgs]), p=2)
+        self.norm_factor = 1 / (ascent_norm + 1e-12) * group["rho"]
+        for p in group["params"]:  # ascent
+            if "exp_avg" in self.state[p]:
+                p.sub_(self.state[p]["exp_avg"], alpha=self.norm_factor)
+        return loss
+
+    @torch.no_grad()
+    def move_back_from_momentumAscent(self) -> None:
+        for p in self.param_groups[0]["params"]:
+            if "exp_avg" in self.state[p]:
+                p.add_(self.state[p]["exp_avg"], alpha=self.norm_factor)
+        self.norm_factor = 0.0
+
+    @torch.no_grad()
+    def move_up_to_momentumAscent(self) -> None:
+        for p in self.param_groups[0]["params"]:
+            if "exp_avg" in self.state[p]:
+                p.sub_(self.state[p]["exp_avg"], alpha=self.norm_factor)
+
+
+class RefNEFTune:
+    """NEFTune as transformers runs it: ``neftune_post_forward_hook`` (imported from
+    ``transformers.integrations.neftune``) registered on ``model.get_input_embeddings()`` with
+    ``neftune_noise_alpha`` set on that module, as ``Trainer`` does when ``neftune_noise_alpha`` is given. The hook
+    adds ``U(-m, m)``, ``m = alpha / sqrt(L * d)`` (``L`` the padded length), to the embedding output of every forward
+    in training mode.
+
+    Transformers registers it once for the whole ``train()``; :meth:`attack_backward` registers it around one clean
+    forward and backward (a dict insertion and removal per step), so that a model shared with other code runs without
+    it outside. It takes what ``RefFreeLB.attack_backward`` takes: the batch, a forward returning the loss from
+    keyword inputs, and the backward function.
+    """
+
+    def __init__(self, model: nn.Module, noise_alpha: float = 5.0) -> None:
+        from transformers.integrations.neftune import neftune_post_forward_hook  # imported here: not inside a step
+
+        self.hook = neftune_post_forward_hook
+        self.embedding = model.get_input_embeddings()
+        self.noise_alpha = noise_alpha
+        self.handle: Any = None
+
+    def activate(self) -> None:
+        self.embedding.neftune_noise_alpha = self.noise_alpha
+        self.handle = self.embedding.register_forward_hook(self.hook)
+
+    def deactivate(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if hasattr(self.embedding, "neftune_noise_alpha"):
+            del self.embedding.neftune_noise_alpha
+
+    def attack_backward(
+        self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., torch.Tensor], backward: Any
+    ) -> torch.Tensor:
+        """The whole micro-batch: the clean forward with the hook, its backward; returns the loss (detached)."""
+        self.activate()
+        try:
+            loss = forward(**inputs)
+            backward(loss)
+        finally:
+            self.deactivate()
         return loss.detach()

@@ -1,6 +1,6 @@
 """Smoke test of ``benchmarks/attack_cost.py`` and its library ``benchmarks/cost``: the ``--quick`` mode on a tiny BERT
-(the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F and
-SMART snippets it uses as baselines compute what our methods compute."""
+(the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F,
+SMART, SAM, Momentum-SAM and NEFTune snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "attack_cost.py")
-METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart")
+METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart", "sam", "msam", "neftune")
 LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)",
-          "r3f": "R3F", "smart": "SMART (steps=1)"}
-LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00"}
+          "r3f": "R3F", "smart": "SMART (steps=1)", "sam": "SAM", "msam": "Momentum-SAM", "neftune": "NEFTune"}
+LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00", "sam": "1.00",
+          "msam": "0.00", "neftune": "0.00"}
+# the bar of the verdict and the diagnosis: the limit + 0.10 (the issues' bar), NEFTune's + 0.05 (issue 20)
+BARS = {m: f"{float(LIMITS[m]) + (0.05 if m == 'neftune' else 0.10):.2f}" for m in METHODS}
+PARAMETER_METHODS = ("fgm", "awp", "pgd", "sam")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,10 @@ def test_quick_benchmark_writes_the_table(quick_run):
     table = text[text.index("## X by"): text.index("The same by")]
     rows = [line for line in table.splitlines() if line.startswith("| tiny (")]
     assert len(rows) == len(METHODS)
-    for row, method in zip(rows, METHODS):  # one row per method, with its physical limit
-        assert f"| {LABELS[method]} | {LIMITS[method]} |" in row, row
+    for row, method in zip(rows, METHODS):  # one row per method, with its physical limit and its bar
+        assert f"| {LABELS[method]} | {LIMITS[method]} | {BARS[method]} |" in row, row
+        verdicts = row.rstrip(" |").rsplit("| ", 1)[1]
+        assert all(v in ("yes", "no", "undecided") for v in verdicts.split(" / ")), row
     assert "X = (T_attack − T_plain) / T_fwd+bwd" in text
     assert "Machine:" in text and "torch" in text and "cores" in text and "## Load" in text
     (res,) = results["models"]
@@ -61,7 +67,7 @@ def test_quick_benchmark_writes_the_table(quick_run):
                 _assert_spread(res["X"][clock][method][key])
         assert all(ms > 0 for ms in res["median_ms"][clock].values())
         assert {f"{side}_{m}" for m in METHODS for side in ("ref", "ours", "L")} <= set(res["median_ms"][clock])
-    assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in ("fgm", "awp", "pgd") for side in ("ref", "ours")}
+    assert set(res["arithmetic_ms"]) == {f"{side}_{m}" for m in PARAMETER_METHODS for side in ("ref", "ours")}
     assert all(ms > 0 for ms in res["arithmetic_ms"].values())
 
 
@@ -94,7 +100,7 @@ def test_quick_benchmark_counts_the_passes(quick_run):
             assert counts[variant]["backwards"] - 1 == limit, (variant, counts[variant])
             assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
             assert counts[variant]["py_calls"] > 0  # the engine ran
-    for method in ("fgm", "awp", "pgd", "freelb"):  # full backward passes: to the word-embedding weight
+    for method in ("fgm", "awp", "pgd", "freelb", "sam", "msam", "neftune"):  # full backward passes: to the word-embedding weight
         assert counts[f"ours_{method}"]["weight_backwards"] == 1 + float(LIMITS[method])
     for method in METHODS:
         phases = res["phases_ms"]["cpu"][f"L_{method}"]
@@ -108,14 +114,16 @@ def test_quick_benchmark_saved_state(quick_run):
     _, results = quick_run
     saved = results["models"][0]["saved"]
     # ours: at most one copy of the perturbed parameters; the reference AWP keeps three (backup and two bounds),
-    # the reference PGD the embedding backup and a copy of every gradient
-    for method in ("fgm", "awp", "pgd"):
+    # the reference PGD the embedding backup and a copy of every gradient, the reference SAM a copy of every weight
+    for method in PARAMETER_METHODS:
         assert 0 < saved[method]["ours"] <= saved[method]["perturbed"]
     assert saved["fgm"]["ref"] == saved["fgm"]["perturbed"]
+    assert saved["sam"]["ref"] == saved["sam"]["perturbed"]
     assert saved["awp"]["ref"] == 3 * saved["awp"]["perturbed"]
     assert saved["pgd"]["ref"] == saved["pgd"]["perturbed"] + saved["pgd"]["grads"]
-    for method in ("freelb", "r3f", "smart"):
+    for method in ("freelb", "r3f", "smart", "neftune"):
         assert saved[method]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
+    assert saved["msam"] == {"delta": None}  # Momentum-SAM exposes no saved state
 
 
 # -- the baselines compute what our methods compute --------------------------------------------------------------
@@ -239,3 +247,85 @@ def test_reference_smart_matches_ours(steps, norm):
     _assert_same(ref_model, our_model)
     _assert_regularised(our_model, batch)
     assert float(outcome.loss) > 0 and not bool(outcome.skipped)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_reference_sam_matches_ours(adaptive):
+    from reference_snippets import RefSAM
+
+    from lightning_adv import SAM
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    rho = 0.5 if adaptive else 0.05
+    # davda54/sam's loop: backward, first_step(zero_grad=True), the pass at w + e(w), second_step (its base step aside)
+    ref_model(**batch).loss.backward()
+    ref = RefSAM(ref_model, rho=rho, adaptive=adaptive)
+    ref.first_step(zero_grad=True)
+    ref_model(**batch).loss.backward()
+    ref.second_step()
+    our_model(**batch).loss.backward()
+    SAM(our_model, rho=rho, adaptive=adaptive).attack_backward(lambda: our_model(**batch).loss)
+    _assert_same(ref_model, our_model)  # the gradient at w + e(w), the weights back at w
+    _assert_regularised(our_model, batch)
+
+
+def test_reference_msam_matches_ours():
+    """Three AdamW steps (weight_decay=0: the source decays after the update, torch's AdamW before): ours on the
+    loop's optimizer, the reference MSAM optimizer moved back from its ascent point at the end."""
+    from reference_snippets import RefMSAM
+
+    from lightning_adv import MomentumSAM
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    plain_model = copy.deepcopy(our_model)
+    settings = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ref_opt = RefMSAM(ref_model.parameters(), rho=0.3, **settings)
+    our_opt = torch.optim.AdamW(our_model.parameters(), **settings)
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), **settings)
+    msam = MomentumSAM(our_model, our_opt, rho=0.3)
+    for _ in range(3):
+        ref_opt.zero_grad(set_to_none=True)
+        ref_model(**batch).loss.backward()
+        ref_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+        adversarial_backward(our_model, [msam], lambda: our_model(**batch).loss)
+        our_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        plain_model(**batch).loss.backward()
+        plain_opt.step()
+    assert float(msam.last_shift) == pytest.approx(0.3)  # the last clean pass ran at weights moved by rho
+    ref_grads, our_grads = _grads(ref_model), _grads(our_model)
+    for name in ref_grads:  # the last step's gradient, taken at the ascent point on both sides
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    ref_opt.move_back_from_momentumAscent()
+    for (name, p), q in zip(ref_model.named_parameters(), our_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(our_model.parameters(), plain_model.parameters()))
+    assert moved > 1e-6, moved  # and Momentum-SAM changed the training
+
+
+def test_reference_neftune_matches_ours():
+    """transformers' own hook (the global generator) and ours (a generator seeded alike), in float64: the hook
+    computes its magnitude in the default dtype."""
+    from reference_snippets import RefNEFTune
+
+    from lightning_adv import NEFTune
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(5)
+        RefNEFTune(ref_model, noise_alpha=5.0).attack_backward(
+            batch, lambda **inputs: ref_model(**inputs).loss, lambda loss: loss.backward()
+        )
+        neftune = NEFTune(our_model, noise_alpha=5.0, generator=torch.Generator().manual_seed(5))
+        adversarial_backward(our_model, [neftune], lambda: our_model(**batch).loss)
+    finally:
+        torch.set_default_dtype(previous)
+    emb = ref_model.get_input_embeddings()
+    assert not emb._forward_hooks and not hasattr(emb, "neftune_noise_alpha")  # the hook lived for the step only
+    _assert_same(ref_model, our_model)
+    _assert_regularised(our_model, batch)

@@ -21,10 +21,14 @@ PGD_KW = dict(epsilon=1.0, alpha=0.3, steps=3, emb_name="word_embeddings")
 FREELB_KW = dict(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6)  # adv_max_norm=0 (unbounded), norm_type="l2"
 R3F_KW = dict(eps=1e-5, r3f_lambda=1.0)  # noise_type="uniform"
 SMART_KW = dict(adv_alpha=1.0, steps=1)  # step_size=1e-3, noise_var=1e-5, epsilon=1e-6, norm="inf"
+SAM_KW = dict(rho=0.05, adaptive=False)  # davda54/sam's defaults
+MSAM_KW = dict(rho=0.3)  # MomentumSAM's default; the core class also takes the loop's optimizer
+NEFTUNE_KW = dict(noise_alpha=5.0)  # length="padded": transformers' hook
 LR = 2e-5
 
-# every method: its core class and callback (names exported by lightning_adv), its arguments, its label, and its
-# number of adversarial forward+backward passes (the physical limit of X)
+# every method: its core class and callback (names exported by lightning_adv), its arguments, its label, its
+# number of adversarial forward+backward passes (the physical limit of X) and its bar's tolerance above the limit
+# (``tolerance``; TOLERANCE when absent); ``ref``: the class in reference_snippets.py (default "Ref" + cls)
 METHODS: Dict[str, Dict[str, Any]] = {
     "fgm": dict(cls="FGM", callback="FGMCallback", kw=FGM_KW, label="FGM", limit=1),
     "awp": dict(cls="AWP", callback="AWPCallback", kw=AWP_KW, label=f"AWP (adv_step={AWP_KW['adv_step']})",
@@ -38,16 +42,40 @@ METHODS: Dict[str, Dict[str, Any]] = {
     # each ascent step: a forward and a gradient w.r.t. delta; then the final forward and its backward
     "smart": dict(cls="SMART", callback="SMARTCallback", kw=SMART_KW, label=f"SMART (steps={SMART_KW['steps']})",
                   limit=SMART_KW["steps"] + 1),
+    # one pass at w + rho * g / ||g||, whose gradient replaces the clean one
+    "sam": dict(cls="SAM", callback="SAMCallback", kw=SAM_KW, label="SAM", limit=1),
+    # no extra pass: the clean pass runs at weights moved along the optimizer's momentum (issue 19's bar: X <= 0.10)
+    "msam": dict(cls="MomentumSAM", callback="MomentumSAMCallback", kw=MSAM_KW, label="Momentum-SAM", limit=0,
+                 ref="RefMSAM", tolerance=0.10),
+    # no extra pass: noise on the embedding output of the clean pass (issue 20's bar: X <= 0.05)
+    "neftune": dict(cls="NEFTune", callback="NEFTuneCallback", kw=NEFTUNE_KW, label="NEFTune", limit=0,
+                    ref="RefNEFTune", tolerance=0.05),
 }
-TOLERANCE = 0.10  # the issue's bar: X at or under its limit + 0.10
-PARAMETER_METHODS = ("fgm", "awp", "pgd")  # save a copy of parameters; the others perturb the embedding output
-ARITHMETIC_METHODS = PARAMETER_METHODS  # their arithmetic can be timed alone (the others' runs in a forward hook)
+TOLERANCE = 0.10  # the issues' default bar: X at or under its limit + 0.10 (a method's own ``tolerance`` overrides it)
+# save a copy of parameters (saved_bytes() and parameters); the others perturb the embedding output or, Momentum-SAM,
+# the weights before the clean pass
+PARAMETER_METHODS = ("fgm", "awp", "pgd", "sam")
+# their arithmetic can be timed alone (the others' runs in a forward hook or around the clean pass)
+ARITHMETIC_METHODS = PARAMETER_METHODS
 # the whole micro-batch through adversarial_backward (ours) / the snippet (baseline): FreeLB perturbs the clean pass,
-# R3F and SMART extend the clean loss with a divergence from the clean logits
-WHOLE_STEP_METHODS = ("freelb", "r3f", "smart")
+# R3F and SMART extend the clean loss with a divergence from the clean logits, Momentum-SAM moves the weights before
+# the clean pass and NEFTune noises its embedding output
+WHOLE_STEP_METHODS = ("freelb", "r3f", "smart", "msam", "neftune")
+# the reference is an optimizer that replaces the loop's AdamW (MarlonBecker/MSAM's AdamW_MSAM)
+OPTIMIZER_METHODS = ("msam",)
 LOGITS_METHODS = ("r3f", "smart")  # need {"loss", "logits"} from the loss closure
 PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 REFERENCES = ("fwd_bwd", "plain")  # the unit of cost and the step without attack
+
+
+def tolerance(method: str) -> float:
+    """How far above its limit a method's X may be: its issue's bar."""
+    return float(METHODS[method].get("tolerance", TOLERANCE))
+
+
+def bar(method: str) -> float:
+    """The bar of a method's X: its limit plus its tolerance."""
+    return METHODS[method]["limit"] + tolerance(method)
 
 
 def short(method: str) -> str:

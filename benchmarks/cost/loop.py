@@ -1,9 +1,13 @@
 """The hand-written training loop, with our methods (public API) and with the reference snippets.
 
-Ours: ``method.attack_backward(closure, backward)`` after the clean backward (FGM, AWP, PGD), and
+Ours: ``method.attack_backward(closure, backward)`` after the clean backward (FGM, AWP, PGD, SAM), and
 ``lightning_adv.adversarial_backward(model, [method], loss_fn, backward)`` for the whole micro-batch (FreeLB perturbs
 the clean pass too; R3F and SMART add a divergence from the clean logits, ``loss_fn`` returning
-``{"loss", "logits"}``); the snippets (``reference_snippets.py``) run the same way.
+``{"loss", "logits"}``; Momentum-SAM moves the weights along the loop's AdamW momentum before the clean pass and
+restores them after it; NEFTune noises the clean pass's embedding output); the snippets (``reference_snippets.py``)
+run the same way, except two: SAM's (davda54/sam) runs as its source is used, ``first_step(zero_grad=True)``, the
+pass, ``second_step()`` (the base step being the loop's), and Momentum-SAM's is an optimizer (MarlonBecker/MSAM's
+``AdamW_MSAM``) that replaces the loop's AdamW in a plain step.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from cost.config import (
-    LOGITS_METHODS, LR, METHODS, PARAMETER_METHODS, WHOLE_STEP_METHODS, peak_variants,
+    LOGITS_METHODS, LR, METHODS, OPTIMIZER_METHODS, PARAMETER_METHODS, WHOLE_STEP_METHODS, peak_variants,
 )
 from cost.models import tensor_bytes
 
@@ -64,16 +68,26 @@ class SyncCounter:
             torch.cuda.set_sync_debug_mode(self._mode)
 
 
-def build_method(model: nn.Module, method: str) -> Any:
+def build_method(model: nn.Module, method: str, optimizer: torch.optim.Optimizer) -> Any:
+    """Our method (public API); Momentum-SAM on ``optimizer``, whose momentum it reads."""
     import lightning_adv
 
-    return getattr(lightning_adv, METHODS[method]["cls"])(model, **METHODS[method]["kw"])
+    cls = getattr(lightning_adv, METHODS[method]["cls"])
+    if method in OPTIMIZER_METHODS:
+        return cls(model, optimizer, **METHODS[method]["kw"])
+    return cls(model, **METHODS[method]["kw"])
 
 
-def build_reference(model: nn.Module, method: str) -> Any:
+def build_reference(model: nn.Module, method: str, optimizer: torch.optim.Optimizer) -> Any:
+    """The reference snippet; Momentum-SAM's is an optimizer with ``optimizer``'s settings (lr, betas, eps,
+    weight decay) on the same parameters, its own state."""
     import reference_snippets
 
-    return getattr(reference_snippets, "Ref" + METHODS[method]["cls"])(model, **METHODS[method]["kw"])
+    cls = getattr(reference_snippets, METHODS[method].get("ref", "Ref" + METHODS[method]["cls"]))
+    if method in OPTIMIZER_METHODS:
+        settings = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        return cls(model.parameters(), **settings, **METHODS[method]["kw"])
+    return cls(model, **METHODS[method]["kw"])
 
 
 class Loop:
@@ -91,16 +105,20 @@ class Loop:
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.sync = SyncCounter(device)
-        self.ours = {m: build_method(model, m) for m in self.methods}
+        self.ours = {m: build_method(model, m, self.opt) for m in self.methods}
         self.ref: Dict[str, Any] = {}
         self.fresh_refs()
         self.probe: Optional[Callable[[], None]] = None  # called inside every adversarial closure and backward
 
     def fresh_refs(self) -> None:
         """New reference snippets: the reference PGD keeps its gradient backup after the attack (a copy of every
-        gradient alive until its next attack), which must not count against the variant measured after it."""
+        gradient alive until its next attack), which must not count against the variant measured after it. The
+        reference Momentum-SAM leaves the weights at its ascent point between steps: it moves them back first."""
+        for ref in self.ref.values():
+            if hasattr(ref, "move_back_from_momentumAscent"):
+                ref.move_back_from_momentumAscent()
         if self.references:
-            self.ref = {m: build_reference(self.model, m) for m in self.methods}
+            self.ref = {m: build_reference(self.model, m, self.opt) for m in self.methods}
 
     # -- the pieces ---------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -115,12 +133,14 @@ class Loop:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """The loop's AdamW step, or ``optimizer``'s (the reference Momentum-SAM), through the GradScaler in fp16."""
+        optimizer = self.opt if optimizer is None else optimizer
         if self.scaler is not None:
-            self.scaler.step(self.opt)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            self.opt.step()
+            optimizer.step()
 
     def _probe(self) -> None:
         if self.probe is not None:
@@ -173,6 +193,11 @@ class Loop:
         self.optimizer_step()
 
     def ref_step(self, method: str) -> None:
+        if method in OPTIMIZER_METHODS:  # the snippet is the optimizer: a clean step and its update (counted whole)
+            self.clean()
+            with self.sync.counting():
+                self.optimizer_step(self.ref[method])
+            return
         if method in WHOLE_STEP_METHODS:  # the snippet runs the whole micro-batch, its clean pass included
             self.opt.zero_grad(set_to_none=True)
             forward = self.forward_out if method in LOGITS_METHODS else self.forward_kw
@@ -185,6 +210,10 @@ class Loop:
                     self.ref["fgm"].attack()
                     self.adv_backward(self.closure())
                     self.ref["fgm"].restore()
+                elif method == "sam":  # davda54/sam's loop; its second_step's base step is the loop's, below
+                    self.ref["sam"].first_step(zero_grad=True)
+                    self.adv_backward(self.closure())
+                    self.ref["sam"].second_step()
                 else:
                     self.ref[method].attack_backward(self.closure, self.adv_backward)
         self.optimizer_step()
@@ -224,14 +253,27 @@ class Loop:
         for p, g in self._grads:
             p.grad = g
 
+    def _spare_grads(self) -> Callable[[torch.Tensor], None]:
+        """A backward that costs nothing and leaves a copy of the clean gradient, made now (untimed): SAM's pass
+        gradient, which the attack then owns (the kept clean copy is not handed out)."""
+        spare = [(p, g.clone()) for p, g in self._grads]
+
+        def backward(loss: torch.Tensor) -> None:
+            for p, g in spare:
+                p.grad = g
+
+        return backward
+
     def time_arithmetic(self, name: str, clock: Callable[[], float]) -> float:
-        """Seconds of one FGM/AWP/PGD attack without its forward and backward (``attack_backward`` with a closure
-        returning a constant; the gradient reloaded beforehand, untimed)."""
+        """Seconds of one FGM/AWP/PGD/SAM attack without its forward and backward (``attack_backward`` with a closure
+        returning a constant; the gradient reloaded beforehand, untimed). PGD's and SAM's backward puts a gradient
+        back (PGD reads every pass's gradient but the last; SAM's snippet restores only the weights that hold a
+        gradient, and ours replaces the clean gradient with the pass's)."""
         for p, g in self._grads:
             p.grad = g.clone()
         no_loss = self._no_loss
         side, method = name.split("_", 1)
-        backward = self._regrad if method == "pgd" else (lambda loss: None)
+        backward = self._regrad if method == "pgd" else self._spare_grads() if method == "sam" else (lambda loss: None)
         self.synchronize()
         t0 = clock()
         if name == "ref_fgm":
@@ -248,8 +290,9 @@ class Loop:
 def saved_state(loop: Loop) -> Dict[str, Any]:
     """Bytes held by each method's saved state during the attack: the largest value read inside the adversarial
     closure and backward. Ours: ``method.saved_bytes()``; the snippets: their backups. ``perturbed``: the bytes of
-    the perturbed parameters; ``grads``: of all the gradients (the reference PGD copies them); FreeLB, R3F, SMART:
-    ``delta``, the per-example perturbation ``method.target.delta`` [batch, tokens, hidden] (R3F: the noise)."""
+    the perturbed parameters; ``grads``: of all the gradients (the reference PGD copies them); FreeLB, R3F, SMART,
+    NEFTune: ``delta``, the per-example perturbation ``method.target.delta`` [batch, tokens, hidden] (R3F, NEFTune:
+    the noise). Momentum-SAM exposes neither (``None``: the peak-memory runs show it)."""
     out: Dict[str, Any] = {}
     for method in loop.methods:
         attack = loop.ours[method]
@@ -265,6 +308,9 @@ def saved_state(loop: Loop) -> Dict[str, Any]:
                 loop.probe = lambda: seen.__setitem__("ref", max(seen["ref"], ref.saved_bytes()))
                 loop.ref_step(method)
             out[method] = dict(perturbed=perturbed, grads=grads, **seen)
+        elif not hasattr(attack, "target"):
+            out[method] = dict(delta=None)
+            continue
         else:
             seen_delta = {"delta": 0}
 

@@ -49,6 +49,10 @@ def peak_child(variant: str, model_name: str, steps: int, device: str, precision
     from cost.models import build_model, make_batch, quiet, tensor_bytes
 
     quiet()
+    # the NEFTune baseline imports transformers' trainer utilities (~10 MiB resident): loaded in every variant, so
+    # that the import does not count as that baseline's memory
+    import transformers.integrations.neftune  # noqa: F401
+
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = build_model(model_name).to(dev)

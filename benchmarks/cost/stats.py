@@ -18,7 +18,7 @@ import statistics
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from cost.clocks import Sample, clean_round
-from cost.config import METHODS, TOLERANCE
+from cost.config import bar
 
 Rounds = Dict[str, List[List[Sample]]]  # variant -> round -> timed steps
 
@@ -92,10 +92,11 @@ def median_ms(rounds: Rounds, clock: str) -> Dict[str, float]:
 
 
 def verdict(x: Dict[str, Any], method: str) -> str:
-    """``yes``: the whole interval at or under limit + 0.10; ``no``: the whole interval above; else ``undecided``."""
-    bar = METHODS[method]["limit"] + TOLERANCE
-    if x["hi"] <= bar:
+    """``yes``: the whole interval at or under the method's bar (limit + its tolerance: 0.10, NEFTune 0.05); ``no``:
+    the whole interval above; else ``undecided``."""
+    line = bar(method)
+    if x["hi"] <= line:
         return "yes"
-    if x["lo"] > bar:
+    if x["lo"] > line:
         return "no"
     return "undecided"
