@@ -116,3 +116,15 @@ def test_lora_gpt2_with_neftune_trains_adapters_and_leaves_the_embedding():
     assert torch.equal(noisy.model.get_input_embeddings().weight.detach(), embedding)  # frozen, untouched
     lora = [n for n, p in noisy.named_parameters() if "lora_" in n]
     assert lora and max_diff(noisy.model, plain.model) > 0  # the noise changed what the adapters learned
+
+
+def test_composition_rules():
+    """NEFTune's noise is on the clean forward only: methods with passes of their own are refused; Momentum-SAM runs."""
+    from lightning_adv import FreeLBCallback, FGMCallback, MomentumSAMCallback, R3FCallback
+
+    for other in (FreeLBCallback(embedding=EMB), FGMCallback(), R3FCallback(embedding=EMB)):
+        with pytest.raises(ValueError, match=r"NEFTune with \w+ is not supported: NEFTune's noise is on the clean forward"):
+            trainer(max_steps=1, callbacks=[NEFTuneCallback(embedding=EMB), other]).fit(TextModule(), loader(make_data(8)))
+    both = [NEFTuneCallback(embedding=EMB), MomentumSAMCallback(rho=0.1)]
+    trainer(max_steps=3, callbacks=both).fit(TextModule(), loader(make_data(16)))
+    assert [cb.attacks for cb in both] == [3, 3]

@@ -624,3 +624,14 @@ def test_no_gradient_sized_buffer_outlives_the_step(combo, accumulated):
     step.close()
     assert _held(net) == 0
     assert net.emb.weight.grad is not None
+
+
+def test_two_replacing_methods_are_refused():
+    """Before: [AWP(weight), AWP(bias)] kept only the last replacement; the first AWP's passes were paid and dropped."""
+    from lightning_adv.core import SAM
+
+    net = Net()
+    ids, y = _batch()
+    for methods in ([AWP(net, adv_param="hidden.weight"), AWP(net, adv_param="head.weight")], [AWP(net), SAM(net)]):
+        with pytest.raises(ValueError, match=r"all replace the micro-batch's clean gradient.*dropped silently"):
+            adversarial_backward(net, methods, lambda: F.cross_entropy(net(ids), y))

@@ -46,7 +46,9 @@ class MomentumSAM(Method):
     """The clean forward and backward at ``w - rho * m / (||m|| + 1e-12)``, ``m`` the optimizer's momentum (``exp_avg``
     of Adam/AdamW, ``momentum_buffer`` of SGD), the norm over every parameter together; the weights are restored
     exactly after the clean backward, before ``optimizer.step`` (and on any exception), so a checkpoint never holds
-    perturbed weights. No momentum yet (the first step): no perturbation, as in the source.
+    perturbed weights. No momentum yet (the first step): no perturbation, as in the source. The perturbed weights are
+    new tensors the parameters point at while the clean pass runs: no copy of the weights is taken, their own tensors
+    are put back.
 
     Composes with the methods that change the clean pass (R3F, SMART, NEFTune); with a method that runs passes after
     the backward it is refused: those passes would run at perturbed weights or not depending on the order.
@@ -116,12 +118,15 @@ class MomentumSAM(Method):
             return
         with torch.no_grad():
             total = torch.linalg.vector_norm(norms(buffers))
-            scale = self.rho / (total + 1e-12)
-            self._saved = [p.detach().clone() for p in params]
-            self._moved = [p.detach() for p in params]
-            steps = torch._foreach_mul(buffers, scale.to(buffers[0].dtype))
-            torch._foreach_sub_(self._moved, steps)
-            self.last_shift = torch.linalg.vector_norm(norms(steps))
+            scale = -self.rho / (total + 1e-12)
+            moved = torch._foreach_mul(buffers, scale.to(buffers[0].dtype))  # -rho * m / ||m||, new tensors
+            torch._foreach_add_(moved, [p.detach() for p in params])  # the perturbed weights, beside the saved ones
+            self.last_shift = self.rho * total / (total + 1e-12)
+        # the parameters point at the perturbed weights; their own tensors are kept and put back as they are: an exact
+        # restore without a copy of the weights (the forward and the backward run between the two swaps)
+        self._moved, self._saved = params, [p.data for p in params]
+        for p, w in zip(params, moved):
+            p.data = w if w.dtype == p.dtype else w.to(p.dtype)
 
     def run(self, step: AttackStep) -> Outcome:
         self._restore()
@@ -131,10 +136,9 @@ class MomentumSAM(Method):
         self._restore()
 
     def _restore(self) -> None:
-        moved, saved, self._moved, self._saved = self._moved, self._saved, [], []
-        if moved:
-            with torch.no_grad():
-                torch._foreach_copy_(moved, saved)
+        params, saved, self._moved, self._saved = self._moved, self._saved, [], []
+        for p, w in zip(params, saved):
+            p.data = w
 
 
 __all__ = ["MomentumSAM", "momentum_of"]

@@ -5,7 +5,7 @@ changes the clean pass and runs no pass of its own): no line of the engine knows
 from __future__ import annotations
 
 import math
-from typing import FrozenSet, Literal, Optional
+from typing import Any, FrozenSet, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ class NEFTune(Method):
 
     ``length="padded"`` (the source's): ``L`` is the padded length of the batch and every position gets noise.
     ``length="tokens"``: ``L`` is each example's number of real tokens (from the pad id) and padding gets none.
+
+    Composes with Momentum-SAM only: every other method runs passes (or perturbs the embedding output) that would
+    not carry NEFTune's clean-pass noise, and is refused with the reason.
 
     Args:
         model: the model (its input embedding found as :class:`~lightning_adv.core.EmbeddingOutput` says).
@@ -66,6 +69,15 @@ class NEFTune(Method):
 
     def enabled(self) -> bool:
         return self.noise_alpha != 0
+
+    def compose(self, others: Sequence[Any]) -> None:
+        clash = [type(m).__name__ for m in others if m.combine != "extend_loss" or m.perturbs() & self.perturbs()]
+        if clash:
+            raise ValueError(
+                f"NEFTune with {', '.join(clash)} is not supported: NEFTune's noise is on the clean forward only, so their "
+                "passes would run without it (transformers and TRL add it to every training forward). Train with NEFTune "
+                "alone, or with Momentum-SAM."
+            )
 
     def describe(self) -> str:
         return f"the output of {self.target.path or type(self.target.module).__name__}"

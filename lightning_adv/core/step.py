@@ -43,6 +43,7 @@ def _skipped() -> Outcome:
 def check_composition(methods: Sequence[Contract], in_place: bool = False) -> None:
     """Raise ``ValueError`` for a list of methods whose composition is not defined, naming why.
 
+    * Two methods that replace the clean gradient (AWP and SAM): only one replacement can be kept.
     * A method that replaces the clean gradient (AWP) with one that extends the clean loss (SMART, R3F): the
       regulariser's gradient is part of the clean gradient, so the replacement would drop it silently.
     * Two methods of one class on a common module or parameter (two FreeLBs on one embedding under two names).
@@ -53,6 +54,12 @@ def check_composition(methods: Sequence[Contract], in_place: bool = False) -> No
     names = [type(m).__name__ for m in methods]
     replacing = [n for n, m in zip(names, methods) if m.combine == "replace"]
     extending = [n for n, m in zip(names, methods) if m.combine == "extend_loss"]
+    if len(replacing) > 1:
+        raise ValueError(
+            f"{' and '.join(replacing)} all replace the micro-batch's clean gradient by the gradient at their own "
+            "perturbed weights; only one replacement can be kept, so the others' passes would be paid for and dropped "
+            "silently. Keep one of them (or combine it with FGM, PGD or FreeLB, which add)."
+        )
     if replacing and extending:
         raise ValueError(
             f"{' and '.join(extending)} with {' and '.join(replacing)} is not supported: {', '.join(extending)} add"
