@@ -337,3 +337,26 @@ def test_cli_flags_and_range_errors(capsys):
         assert exit_info.value.code == 2
         err = " ".join(capsys.readouterr().err.split())
         assert arg in err and rule in err, err[-600:]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "llama"])
+@pytest.mark.parametrize("make", [lambda: SAMCallback(rho=0.1), lambda: SAMCallback(rho=0.5, adaptive=True),
+                                  lambda: MomentumSAMCallback(rho=0.3)])
+def test_real_architectures_with_a_frozen_input_embedding(arch, make):
+    """Tiny transformers models from configs (the input embedding frozen, tied to the LM head for GPT-2 and T5): every
+    micro-batch attacked, the frozen weights untouched, the others trained, nothing left on the model."""
+    from test_usage import ARCHS, HFModule, hf_batches
+
+    build, task, pad = ARCHS[arch][:3]
+    module = HFModule(build)
+    frozen = module.model.get_input_embeddings().weight
+    frozen.requires_grad_(False)
+    before_frozen = frozen.detach().clone()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    cb = make()
+    data = hf_batches(task, pad)
+    trainer(max_epochs=1, callbacks=[cb]).fit(module, data)
+    assert cb.attacks == len(data) and cb.skipped == 0
+    assert torch.equal(frozen.detach(), before_frozen)
+    assert max(float((p.detach() - before[n]).abs().max()) for n, p in module.named_parameters() if n in before) > 0
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()) == 0
