@@ -87,9 +87,11 @@ from sst2_cli import SentenceClassifier, TSVDataModule  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RUNS = os.path.join(RESULTS, "sst2_runs")
-METHODS = ("none", "fgm", "r3f", "awp", "smart", "freelb", "pgd")  # the run order: cheaper methods first
-LABELS = {"none": "no attack", "fgm": "FGM", "r3f": "R3F", "awp": "AWP", "smart": "SMART", "freelb": "FreeLB", "pgd": "PGD"}
-COLORS = {"none": "#6f6f6f", "fgm": "#1f77b4", "r3f": "#2ca02c", "awp": "#d62728", "smart": "#9467bd", "freelb": "#ff7f0e", "pgd": "#8c564b"}
+METHODS = ("none", "fgm", "r3f", "awp", "smart", "freelb", "pgd", "msam", "sam", "asam")  # the run order: cheaper methods first
+LABELS = {"none": "no attack", "fgm": "FGM", "r3f": "R3F", "awp": "AWP", "smart": "SMART", "freelb": "FreeLB", "pgd": "PGD",
+          "msam": "Momentum-SAM", "sam": "SAM", "asam": "ASAM"}
+COLORS = {"none": "#6f6f6f", "fgm": "#1f77b4", "r3f": "#2ca02c", "awp": "#d62728", "smart": "#9467bd", "freelb": "#ff7f0e", "pgd": "#8c564b",
+          "msam": "#17becf", "sam": "#e377c2", "asam": "#bcbd22"}
 PROBE_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
 TARGETS = (0.75, 0.55, 0.35)  # baseline dev robust accuracy aimed at by the three epsilons: mild, medium, strong
 BENCH_VERSION = 2
@@ -115,6 +117,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--r3f_lambda", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--r3f_eps", type=float, default=1e-5)
     p.add_argument("--smart_alpha", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--sam_rho", type=float, nargs="+", default=[0.05, 0.02], help="SAM's rho (Bahri et al. 2022 search 0.02-0.15)")
+    p.add_argument("--asam_rho", type=float, nargs="+", default=[0.5], help="ASAM's rho (about 10x SAM's, davda54/sam)")
+    p.add_argument("--msam_rho", type=float, nargs="+", default=[0.3], help="Momentum-SAM's rho (MomentumSAMCallback's default)")
     p.add_argument("--robust_eps", type=float, nargs=3, default=None,
                    help="the three evaluation epsilons; default: <runs_dir>/epsilons.json, else the probe on the first baseline")
     p.add_argument("--runs_dir", default=RUNS)
@@ -179,6 +184,8 @@ def grid(args: argparse.Namespace, method: str) -> List[Dict[str, float]]:
         return [{"eps": args.r3f_eps, "r3f_lambda": lam} for lam in args.r3f_lambda]
     if method == "smart":
         return [{"adv_alpha": a} for a in args.smart_alpha]
+    if method in ("sam", "asam", "msam"):
+        return [{"rho": r} for r in getattr(args, method + "_rho")]
     raise ValueError(method)
 
 
@@ -199,10 +206,15 @@ def attack_callback(method: str, params: Dict[str, float]) -> Optional[lightning
         return lightning_adv.R3FCallback(eps=params["eps"], r3f_lambda=params["r3f_lambda"])
     if method == "smart":
         return lightning_adv.SMARTCallback(adv_alpha=params["adv_alpha"])
+    if method in ("sam", "asam"):
+        return lightning_adv.SAMCallback(rho=params["rho"], adaptive=method == "asam")
+    if method == "msam":
+        return lightning_adv.MomentumSAMCallback(rho=params["rho"])
     raise ValueError(method)
 
 
-NAME_KEYS = {"fgm": ("epsilon",), "awp": ("adv_lr", "adv_eps"), "r3f": ("r3f_lambda",), "smart": ("adv_alpha",)}
+NAME_KEYS = {"fgm": ("epsilon",), "awp": ("adv_lr", "adv_eps"), "r3f": ("r3f_lambda",), "smart": ("adv_alpha",),
+             "sam": ("rho",), "asam": ("rho",), "msam": ("rho",)}
 
 
 def run_name(method: str, params: Dict[str, float], seed: int) -> str:
@@ -771,8 +783,10 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
         return "–"
 
     def run_cost(m: str) -> str:
-        pairs = [r["train_s"] / base[r["seed"]]["train_s"] for r in final.get(m, []) if r["seed"] in base]
-        return f"{statistics.median(pairs):.2f}×" if pairs else "–"
+        # only runs timed under the baseline's conditions (same machine, torch threads): others are not comparable
+        pairs = [r["train_s"] / base[r["seed"]]["train_s"] for r in final.get(m, [])
+                 if r["seed"] in base and r.get("hardware") == base[r["seed"]].get("hardware")]
+        return f"{statistics.median(pairs):.2f}×" if pairs else "– (other machine)" if final.get(m) else "–"
 
     test_cols = [("dev_clean_acc", "dev acc"), ("test_clean_acc", "test acc")] + [
         (f"test_robust_acc@{k}", f"test robust acc @{k}") for k in keys]
