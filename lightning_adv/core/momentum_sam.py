@@ -119,8 +119,9 @@ class MomentumSAM(Method):
         with torch.no_grad():
             total = torch.linalg.vector_norm(norms(buffers))
             scale = -self.rho / (total + 1e-12)
-            moved = torch._foreach_mul(buffers, scale.to(buffers[0].dtype))  # -rho * m / ||m||, new tensors
-            torch._foreach_add_(moved, [p.detach() for p in params])  # the perturbed weights, beside the saved ones
+            # w - rho * m / ||m|| in one pass over the weights and the momentum (new tensors, beside the saved weights);
+            # the scale stays a tensor: no host-device synchronisation
+            moved = torch._foreach_addcmul([p.detach() for p in params], buffers, [scale.to(buffers[0].dtype)] * len(params))
             self.last_shift = self.rho * total / (total + 1e-12)
         # the parameters point at the perturbed weights; their own tensors are kept and put back as they are: an exact
         # restore without a copy of the weights (the forward and the backward run between the two swaps)
