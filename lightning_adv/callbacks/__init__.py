@@ -11,6 +11,7 @@ from lightning_adv.callbacks.mixin import AdversarialMixin
 from lightning_adv.callbacks.neftune import NEFTuneCallback
 from lightning_adv.callbacks.pgd import PGDCallback
 from lightning_adv.callbacks.r3f import R3FCallback
+from lightning_adv.callbacks.rdrop import RDropCallback
 from lightning_adv.callbacks.robust import RobustAccuracy
 from lightning_adv.callbacks.sam import MomentumSAMCallback, SAMCallback
 from lightning_adv.callbacks.smart import SMARTCallback
@@ -18,7 +19,7 @@ from lightning_adv.callbacks.text_attack import TextAttackAccuracy
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
-    "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback",
+    "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RDropCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback",
     "TextAttackAccuracy", "in_adversarial_pass",
 ]
 
