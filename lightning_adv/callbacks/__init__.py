@@ -16,11 +16,12 @@ from lightning_adv.callbacks.robust import RobustAccuracy
 from lightning_adv.callbacks.sam import MomentumSAMCallback, SAMCallback
 from lightning_adv.callbacks.smart import SMARTCallback
 from lightning_adv.callbacks.text_attack import TextAttackAccuracy
+from lightning_adv.callbacks.vat import VATCallback
 
 __all__ = [
     "AWPCallback", "AdversarialCallback", "AdversarialMixin", "FGMCallback", "FreeLBCallback", "PGDCallback",
     "MomentumSAMCallback", "NEFTuneCallback", "R3FCallback", "RDropCallback", "RobustAccuracy", "SAMCallback", "SMARTCallback",
-    "TextAttackAccuracy", "in_adversarial_pass",
+    "TextAttackAccuracy", "VATCallback", "in_adversarial_pass",
 ]
 
 _register_cli_types()
