@@ -203,6 +203,7 @@ def test_unknown_callback_class_is_a_parse_error(capsys: Any) -> None:
         ("lightning_adv.SMARTCallback", {"adv_alpha": "weight of the regulariser", "norm": "per-token normalisation"}),
         ("lightning_adv.R3FCallback", {"eps": "noise magnitude", "r3f_lambda": "weight of the regulariser"}),
         ("lightning_adv.RDropCallback", {"alpha": "weight of the symmetric KL", "reduction": "batchmean"}),
+        ("lightning_adv.VATCallback", {"adv_step_size": "ascent step size", "noise_var": "standard deviation of the initial"}),
     ],
 )
 def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: Any) -> None:
@@ -233,6 +234,8 @@ RANGE_ERRORS = [
     ("R3FCallback", "noise_type", "gauss", "uniform"),
     ("RDropCallback", "alpha", "-0.5", ">= 0"),
     ("RDropCallback", "reduction", "mean", "batchmean"),
+    ("VATCallback", "noise_gamma", "-1e-6", ">= 0"),
+    ("VATCallback", "norm_type", "fro", "l2"),
     ("SMARTCallback", "adv_alpha", "-1", ">= 0"),
     ("SMARTCallback", "steps", "0", "integer >= 1"),
     ("SMARTCallback", "norm", "fro", "inf"),
@@ -323,7 +326,7 @@ def test_cli_fit_with_rdrop(tmp_path: Any) -> None:
 
 
 # -- "did you mean" (issue 21, point 9) --------------------------------------------------------------------------------
-CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy)"
+CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RDropCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy, VATCallback)"
 
 
 @pytest.mark.parametrize(
