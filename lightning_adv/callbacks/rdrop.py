@@ -23,7 +23,7 @@ class RDropCallback(AdversarialCallback):
     ``adv/rdrop_loss`` (the symmetric KL, before alpha), ``adv/rdrop_second_loss`` and the counters.
 
     Args:
-        alpha: weight of the symmetric KL (>= 0); the source's examples use 0.3 to 5.
+        alpha: weight of the symmetric KL (>= 0); with reduction "sum" its effect grows with the batch size.
         reduction: "sum" (the source's: summed over the examples) or "batchmean" (divided by the batch size).
         start_epoch: first epoch (counted from 0) that is regularised.
         start_step: first optimizer step (counted from 0, over the run) that is regularised.

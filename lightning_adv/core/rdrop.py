@@ -106,7 +106,7 @@ class RDrop(Method):
                 f"RDrop with {' and '.join(clash)} is not supported: RDrop halves the clean loss's gradient (the loss is "
                 f"averaged over its two passes), and {', '.join(clash)} scale their own term by the clean loss's "
                 "gradient, so the result would depend on the order of the callbacks. Train with one of them, or "
-                "combine R-Drop with FGM, PGD, FreeLB or NEFTune."
+                "combine R-Drop with FGM, PGD or FreeLB (they add their passes to the clean gradient)."
             )
 
     def prepare(self, step: AttackStep) -> None:
