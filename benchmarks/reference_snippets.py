@@ -1,4 +1,4 @@
-"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F, SMART, SAM and Momentum-SAM snippets, written
+"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F, R-Drop, SMART, SAM and Momentum-SAM snippets, written
 from the algorithms, and transformers' own NEFTune hook.
 
 They keep the snippets' structure on purpose (a Python loop over named parameters, host-side checks such as
@@ -20,7 +20,8 @@ Sources of the algorithms: FGM and AWP as in the competition write-ups; PGD as `
 (``fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py``) in the form of its HuggingFace port (the perturbation
 added to ``model.get_input_embeddings()(input_ids)`` and passed as ``inputs_embeds``); R3F as the criterion
 ``sentence_prediction_r3f`` of fairseq (``examples/rxf``), moved to a HuggingFace model the usual way (the token
-embeddings computed once and passed as ``inputs_embeds``); SMART as ``SmartPerturbation`` of namisan/mt-dnn
+embeddings computed once and passed as ``inputs_embeds``); R-Drop as the README and ``compute_kl_loss`` of
+dropreg/R-Drop (``RefRDrop.attack_backward`` takes what ``RefR3F.attack_backward`` takes); SMART as ``SmartPerturbation`` of namisan/mt-dnn
 (``mt_dnn/perturbation.py``, with ``stable_kl`` and ``SymKlCriterion`` of ``mt_dnn/loss.py``) and mt-dnn's
 ``loss + adv_alpha * adv_loss``; SAM/ASAM as the ``SAM`` optimizer of davda54/sam (``sam.py``: ``first_step``,
 ``second_step``); Momentum-SAM as ``AdamW_MSAM`` of MarlonBecker/MSAM (``optimizer/adamW_msam.py``); NEFTune is
@@ -281,6 +282,36 @@ class RefR3F:
         noised_embeddings = token_embeddings.detach().clone() + noise
         noised_logits = forward(inputs_embeds=noised_embeddings, **unlabelled).logits
         loss = loss + self.r3f_lambda * self.symmetric_kl(noised_logits, input_logits)
+        backward(loss)
+        return loss.detach()
+
+
+class RefRDrop:
+    """R-Drop as dropreg/R-Drop's README and ``compute_kl_loss`` write it, on a HuggingFace model::
+
+        out1 = model(**inputs); out2 = model(**inputs)                        # keep dropout and forward twice
+        ce_loss = 0.5 * (out1.loss + out2.loss)
+        kl_loss = (KL(p2 || p1) + KL(p1 || p2)) / 2    # F.kl_div(..., reduction="none").sum(): summed over the batch
+        (ce_loss + alpha * kl_loss).backward()
+
+    ``reduction="batchmean"`` divides the KL by the batch size (the source's "mean" comment); the KL in float32.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, reduction: str = "sum") -> None:
+        self.model, self.alpha, self.reduction = model, alpha, reduction
+
+    def compute_kl_loss(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        t = _kl_dtype(p)
+        p_loss = F.kl_div(F.log_softmax(p, dim=-1, dtype=t), F.softmax(q, dim=-1, dtype=t), reduction="none").sum()
+        q_loss = F.kl_div(F.log_softmax(q, dim=-1, dtype=t), F.softmax(p, dim=-1, dtype=t), reduction="none").sum()
+        loss = (p_loss + q_loss) / 2
+        return loss / p.size(0) if self.reduction == "batchmean" else loss
+
+    def attack_backward(self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., Any], backward: Any) -> torch.Tensor:
+        """The whole micro-batch (both forwards); returns the R-Drop loss (detached)."""
+        out1 = forward(**inputs)
+        out2 = forward(**inputs)
+        loss = 0.5 * (out1.loss + out2.loss) + self.alpha * self.compute_kl_loss(out1.logits, out2.logits)
         backward(loss)
         return loss.detach()
 
