@@ -209,3 +209,18 @@ def test_with_r3f_is_refused():
     cb = [RDropCallback(), R3FCallback(embedding="model.embeddings.word_embeddings")]
     with pytest.raises(ValueError, match="RDrop with R3F is not supported"):
         trainer(max_epochs=1, callbacks=cb).fit(Logits(), loader(make_data(8)))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains(precision):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    cb = RDropCallback(alpha=1.0)
+    module = DropModule()
+    before = [p.detach().clone() for p in module.parameters()]
+    t = trainer(max_epochs=1, callbacks=[cb], plugins=[MixedPrecision(precision, "cpu")], accumulate_grad_batches=2)
+    t.fit(module, loader(make_data(16)))
+    assert cb.attacks == 4
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
+    assert torch.isfinite(t.callback_metrics["adv/rdrop_loss"])

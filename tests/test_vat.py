@@ -200,3 +200,18 @@ def test_bad_arguments_fail_at_construction(kwargs, words):
         VATCallback(**kwargs)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains(precision):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    cb = VATCallback(embedding="model." + EMB)
+    module = LogitsModule()
+    before = [p.detach().clone() for p in module.parameters()]
+    t = trainer(max_epochs=1, callbacks=[cb], plugins=[MixedPrecision(precision, "cpu")], accumulate_grad_batches=2)
+    t.fit(module, loader(make_data(16)))
+    assert cb.attacks == 4
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
+    assert torch.isfinite(t.callback_metrics["adv/vat_loss"])

@@ -48,6 +48,8 @@ class RDropCallback(AdversarialCallback):
         2
     """
 
+    fsdp_refusal = "it is not tested under FSDP yet"
+
     def __init__(
         self,
         alpha: NonNegativeFloat = 1.0,

@@ -55,6 +55,8 @@ class VATCallback(AdversarialCallback):
         2
     """
 
+    fsdp_refusal = "it is not tested under FSDP yet"
+
     def __init__(
         self,
         adv_alpha: NonNegativeFloat = 1.0,
