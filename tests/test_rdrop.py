@@ -224,3 +224,16 @@ def test_mixed_precision_trains(precision):
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
     assert torch.isfinite(t.callback_metrics["adv/rdrop_loss"])
+
+
+def test_a_model_without_dropout_is_warned():
+    class NoDropout(DropModule):
+        def __init__(self):
+            super().__init__()
+            self.model.drop = nn.Identity()
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, callbacks=[RDropCallback()]).fit(NoDropout(), loader(make_data(8)))
+    (message,) = [str(w.message) for w in record if "no dropout module" in str(w.message)]
+    assert "RDropCallback: NoDropout holds no dropout module" in message and "hidden_dropout_prob" in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Literal
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_adv.callbacks.base import AdversarialCallback
@@ -65,4 +66,13 @@ class RDropCallback(AdversarialCallback):
         return {}
 
     def build_method(self, pl_module: nn.Module) -> RDrop:
-        return RDrop(pl_module, alpha=self.alpha, reduction=self.reduction)
+        method = RDrop(pl_module, alpha=self.alpha, reduction=self.reduction)
+        if not method.dropout_paths:
+            rank_zero_warn(
+                f"{type(self).__name__}: {type(pl_module).__name__} holds no dropout module (torch.nn.Dropout and its "
+                "variants), so both passes may draw the same output: R-Drop would then only double the cost. Add "
+                "dropout to the model (transformers: hidden_dropout_prob > 0), or ignore this if the model applies "
+                "dropout functionally (F.dropout).",
+                category=UserWarning,
+            )
+        return method
