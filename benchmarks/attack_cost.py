@@ -176,7 +176,7 @@ def render(results: Dict[str, Any]) -> str:
         f"`Trainer` ({a['lightning_warmup']} untimed + `{a['steps']}` timed steps). Ours in the loop: "
         "`method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD, SAM), "
         "`lightning_adv.adversarial_backward(model, [method], loss_fn, backward)` for the whole micro-batch (FreeLB, "
-        "R3F, SMART, Momentum-SAM on the loop's AdamW, NEFTune; the snippets run the whole micro-batch too). "
+        "R3F, R-Drop, SMART, VAT, Momentum-SAM on the loop's AdamW, NEFTune; the snippets run the whole micro-batch too). "
         "Baselines (`benchmarks/reference_snippets.py`): SAM is davda54/sam's `first_step`/`second_step` around the "
         "pass; Momentum-SAM is MarlonBecker/MSAM's `AdamW_MSAM` optimizer in place of AdamW (the stored weights stay "
         "at the ascent point between steps; its decoupled weight decay after the update, as in the source); NEFTune "
@@ -308,10 +308,10 @@ def render(results: Dict[str, Any]) -> str:
     lines += ["", "## Memory", "",
               "Saved state: the largest number of bytes held by the method's saved copies inside the adversarial closure "
               "and backward (ours: `method.saved_bytes()`; baseline: the snippet's backups), (×) in copies of the "
-              "perturbed parameters; FreeLB, R3F, SMART and NEFTune save no copy and keep δ [batch, tokens, hidden] "
+              "perturbed parameters; FreeLB, R3F, SMART, VAT and NEFTune save no copy and keep δ [batch, tokens, hidden] "
               "(`method.target.delta`; R3F, NEFTune: the noise; the NEFTune baseline's noise is as large); Momentum-SAM "
               "exposes no saved state (its peak memory is in the peak-memory runs; the baseline keeps no copy: its "
-              "stored weights stay moved):", ""]
+              "stored weights stay moved); R-Drop perturbs nothing (a second dropout mask) and saves nothing:", ""]
     rows = []
     for res in results["models"]:
         for m in methods:
@@ -319,6 +319,8 @@ def render(results: Dict[str, Any]) -> str:
             if m in PARAMETER_METHODS:
                 rows.append([res["model"], METHODS[m]["label"], f"{_mib(s['ours'])} ({s['ours'] / s['perturbed']:.2f}×)",
                              f"{_mib(s['ref'])} ({s['ref'] / s['perturbed']:.2f}×)"])
+            elif m == "rdrop":  # nothing perturbed, nothing saved: the second pass's activations (peak memory)
+                rows.append([res["model"], METHODS[m]["label"], "none", "none"])
             elif s.get("delta") is None:
                 rows.append([res["model"], METHODS[m]["label"], "not exposed (see peak memory)", "none"])
             else:

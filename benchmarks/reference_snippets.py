@@ -1,5 +1,5 @@
-"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F, SMART, SAM and Momentum-SAM snippets, written
-from the algorithms, and transformers' own NEFTune hook.
+"""Plain re-implementations of the reference FGM, AWP, PGD, FreeLB, R3F, R-Drop, VAT, SMART, SAM and Momentum-SAM
+snippets, written from the algorithms, and transformers' own NEFTune hook.
 
 They keep the snippets' structure on purpose (a Python loop over named parameters, host-side checks such as
 ``if norm != 0``, ``param.data = ...`` rebinding, three saved weight-sized copies for AWP, a copy of every
@@ -20,7 +20,9 @@ Sources of the algorithms: FGM and AWP as in the competition write-ups; PGD as `
 (``fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py``) in the form of its HuggingFace port (the perturbation
 added to ``model.get_input_embeddings()(input_ids)`` and passed as ``inputs_embeds``); R3F as the criterion
 ``sentence_prediction_r3f`` of fairseq (``examples/rxf``), moved to a HuggingFace model the usual way (the token
-embeddings computed once and passed as ``inputs_embeds``); SMART as ``SmartPerturbation`` of namisan/mt-dnn
+embeddings computed once and passed as ``inputs_embeds``); R-Drop as the README and ``compute_kl_loss`` of
+dropreg/R-Drop (``RefRDrop.attack_backward`` takes what ``RefR3F.attack_backward`` takes); VAT as ``VAT`` of
+bert4torch (``bert4torch/callbacks.py``; ``RefVAT`` as ``RefR3F``); SMART as ``SmartPerturbation`` of namisan/mt-dnn
 (``mt_dnn/perturbation.py``, with ``stable_kl`` and ``SymKlCriterion`` of ``mt_dnn/loss.py``) and mt-dnn's
 ``loss + adv_alpha * adv_loss``; SAM/ASAM as the ``SAM`` optimizer of davda54/sam (``sam.py``: ``first_step``,
 ``second_step``); Momentum-SAM as ``AdamW_MSAM`` of MarlonBecker/MSAM (``optimizer/adamW_msam.py``); NEFTune is
@@ -281,6 +283,93 @@ class RefR3F:
         noised_embeddings = token_embeddings.detach().clone() + noise
         noised_logits = forward(inputs_embeds=noised_embeddings, **unlabelled).logits
         loss = loss + self.r3f_lambda * self.symmetric_kl(noised_logits, input_logits)
+        backward(loss)
+        return loss.detach()
+
+
+class RefRDrop:
+    """R-Drop as dropreg/R-Drop's README and ``compute_kl_loss`` write it, on a HuggingFace model::
+
+        out1 = model(**inputs); out2 = model(**inputs)                        # keep dropout and forward twice
+        ce_loss = 0.5 * (out1.loss + out2.loss)
+        kl_loss = (KL(p2 || p1) + KL(p1 || p2)) / 2    # F.kl_div(..., reduction="none").sum(): summed over the batch
+        (ce_loss + alpha * kl_loss).backward()
+
+    ``reduction="batchmean"`` divides the KL by the batch size (the source's "mean" comment); the KL in float32.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, reduction: str = "sum") -> None:
+        self.model, self.alpha, self.reduction = model, alpha, reduction
+
+    def compute_kl_loss(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        t = _kl_dtype(p)
+        p_loss = F.kl_div(F.log_softmax(p, dim=-1, dtype=t), F.softmax(q, dim=-1, dtype=t), reduction="none").sum()
+        q_loss = F.kl_div(F.log_softmax(q, dim=-1, dtype=t), F.softmax(p, dim=-1, dtype=t), reduction="none").sum()
+        loss = (p_loss + q_loss) / 2
+        return loss / p.size(0) if self.reduction == "batchmean" else loss
+
+    def attack_backward(self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., Any], backward: Any) -> torch.Tensor:
+        """The whole micro-batch (both forwards); returns the R-Drop loss (detached)."""
+        out1 = forward(**inputs)
+        out2 = forward(**inputs)
+        loss = 0.5 * (out1.loss + out2.loss) + self.alpha * self.compute_kl_loss(out1.logits, out2.logits)
+        backward(loss)
+        return loss.detach()
+
+
+class RefVAT:
+    """VAT as bert4torch's ``VAT`` (``bert4torch/callbacks.py``) and its ``AdversarialTraining`` callback run it, on a
+    HuggingFace model (bert4torch's forward hook keeps the word-embedding output; here it is computed once and passed
+    as ``inputs_embeds``)::
+
+        embed = model.get_input_embeddings()(input_ids)
+        out = model(inputs_embeds=embed, ..., labels=...)                       # clean: loss, logits
+        noise = N(0, 1) * noise_var on every token, requires_grad
+        adv_logits = model(inputs_embeds=embed.data.detach() + noise, ...).logits
+        delta_grad, = torch.autograd.grad(kl(adv_logits, logits.detach(), "batchmean"), noise)
+        if delta_grad.norm() is nan or inf: no regulariser                       # a host-side check, as bert4torch
+        noise = adv_project(noise + delta_grad * adv_step_size)                 # per token
+        adv_logits = model(inputs_embeds=(embed.data.detach() + noise).detach(), ...).logits
+        (out.loss + adv_alpha * (kl(adv_logits, logits.detach()) + kl(logits, adv_logits.detach()))).backward()
+
+    ``kl(inputs, targets)``: ``F.kl_div(log_softmax(inputs), softmax(targets), reduction="sum")``, in float32.
+    """
+
+    def __init__(
+        self, model: nn.Module, adv_alpha: float = 1.0, adv_step_size: float = 1e-3, noise_var: float = 1e-5,
+        noise_gamma: float = 1e-6, norm_type: str = "l2", generator: Optional[torch.Generator] = None,
+    ) -> None:
+        self.model, self.adv_alpha, self.adv_step_size = model, adv_alpha, adv_step_size
+        self.noise_var, self.noise_gamma, self.norm_type, self.generator = noise_var, noise_gamma, norm_type, generator
+
+    @staticmethod
+    def kl(inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        t = _kl_dtype(inputs)
+        return F.kl_div(F.log_softmax(inputs, dim=-1, dtype=t), F.softmax(targets, dim=-1, dtype=t), reduction=reduction)
+
+    def adv_project(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.norm_type == "l2":
+            return grad / (torch.norm(grad, dim=-1, keepdim=True) + self.noise_gamma)
+        if self.norm_type == "l1":
+            return grad.sign()
+        return grad / (grad.abs().max(-1, keepdim=True)[0] + self.noise_gamma)
+
+    def attack_backward(self, inputs: Mapping[str, torch.Tensor], forward: Callable[..., Any], backward: Any) -> torch.Tensor:
+        """The whole micro-batch; returns the regularised loss (detached)."""
+        others = {k: v for k, v in inputs.items() if k != "input_ids"}
+        unlabelled = {k: v for k, v in others.items() if k != "labels"}
+        embed = self.model.get_input_embeddings()(inputs["input_ids"])
+        out = forward(inputs_embeds=embed, **others)
+        loss, logits = out.loss, out.logits
+        noise = embed.data.new(embed.size()).normal_(0, 1, generator=self.generator) * self.noise_var
+        noise.requires_grad_()
+        adv_logits = forward(inputs_embeds=embed.data.detach() + noise, **unlabelled).logits
+        (delta_grad,) = torch.autograd.grad(self.kl(adv_logits, logits.detach(), "batchmean"), noise, only_inputs=True)
+        norm = delta_grad.norm()
+        if not (torch.isnan(norm) or torch.isinf(norm)):
+            noise = self.adv_project(noise + delta_grad * self.adv_step_size)
+            adv_logits = forward(inputs_embeds=(embed.data.detach() + noise).detach(), **unlabelled).logits
+            loss = loss + self.adv_alpha * (self.kl(adv_logits, logits.detach()) + self.kl(logits, adv_logits.detach()))
         backward(loss)
         return loss.detach()
 

@@ -66,7 +66,7 @@ def suggest(message: str, option_strings: Optional[List[str]] = None) -> Optiona
     ``option_strings``: the parser's flags, for ``unrecognized arguments`` (``--robust.epsilonn``).
 
     >>> suggest("Expected a dot import path string: FGMCalback")
-    'did you mean lightning_adv.FGMCallback? (lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy)'
+    'did you mean lightning_adv.FGMCallback? (lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RDropCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy, VATCallback)'
     >>> suggest("Problem with given class_path 'lightning_adv.FGMCallback':\\n    Option 'epsilonn' is not accepted")
     "did you mean 'epsilon'? FGMCallback takes: epsilon, emb_name, start_epoch, start_step"
     >>> suggest("Expected a <class 'float'>. Got value: abc") is None

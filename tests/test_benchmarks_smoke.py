@@ -1,6 +1,6 @@
 """Smoke test of ``benchmarks/attack_cost.py`` and its library ``benchmarks/cost``: the ``--quick`` mode on a tiny BERT
 (the table, X with its spread, the load report, the load-free pass counts); and the reference PGD, FreeLB, R3F,
-SMART, SAM, Momentum-SAM and NEFTune snippets it uses as baselines compute what our methods compute."""
+R-Drop, SMART, VAT, SAM, Momentum-SAM and NEFTune snippets it uses as baselines compute what our methods compute."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "attack_cost.py")
-METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "smart", "sam", "msam", "neftune")
+METHODS = ("fgm", "awp", "pgd", "freelb", "r3f", "rdrop", "smart", "vat", "sam", "msam", "neftune")
 LABELS = {"fgm": "FGM", "awp": "AWP (adv_step=1)", "pgd": "PGD (steps=3)", "freelb": "FreeLB (adv_steps=2)",
-          "r3f": "R3F", "smart": "SMART (steps=1)", "sam": "SAM", "msam": "Momentum-SAM", "neftune": "NEFTune"}
-LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "smart": "2.00", "sam": "1.00",
+          "r3f": "R3F", "rdrop": "R-Drop", "smart": "SMART (steps=1)", "vat": "VAT", "sam": "SAM", "msam": "Momentum-SAM", "neftune": "NEFTune"}
+LIMITS = {"fgm": "1.00", "awp": "1.00", "pgd": "3.00", "freelb": "2.00", "r3f": "1.00", "rdrop": "1.00", "smart": "2.00", "vat": "2.00", "sam": "1.00",
           "msam": "0.00", "neftune": "0.00"}
 # the bar of the verdict and the diagnosis: the limit + 0.10 (the issues' bar), NEFTune's + 0.05 (issue 20)
 BARS = {m: f"{float(LIMITS[m]) + (0.05 if m == 'neftune' else 0.10):.2f}" for m in METHODS}
@@ -100,13 +100,13 @@ def test_quick_benchmark_counts_the_passes(quick_run):
             assert counts[variant]["backwards"] - 1 == limit, (variant, counts[variant])
             assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
             assert counts[variant]["py_calls"] > 0  # the engine ran
-    for method in ("fgm", "awp", "pgd", "freelb", "sam", "msam", "neftune"):  # full backward passes: to the word-embedding weight
+    for method in ("fgm", "awp", "pgd", "freelb", "rdrop", "sam", "msam", "neftune"):  # full backward passes: to the word-embedding weight
         assert counts[f"ours_{method}"]["weight_backwards"] == 1 + float(LIMITS[method])
     for method in METHODS:
         phases = res["phases_ms"]["cpu"][f"L_{method}"]
         assert phases["forward_calls"] == phases["backward_calls"] == 1
         assert phases["adv_forward_calls"] == float(LIMITS[method])
-        assert phases["adv_backward_calls"] == (1 if method == "smart" else float(LIMITS[method]))  # ascent: autograd.grad
+        assert phases["adv_backward_calls"] == (1 if method in ("smart", "vat") else float(LIMITS[method]))  # ascent: autograd.grad
         assert phases["total"] >= phases["forward"] + phases["adv_forward"] > 0
 
 
@@ -121,9 +121,10 @@ def test_quick_benchmark_saved_state(quick_run):
     assert saved["sam"]["ref"] == saved["sam"]["perturbed"]
     assert saved["awp"]["ref"] == 3 * saved["awp"]["perturbed"]
     assert saved["pgd"]["ref"] == saved["pgd"]["perturbed"] + saved["pgd"]["grads"]
-    for method in ("freelb", "r3f", "smart", "neftune"):
+    for method in ("freelb", "r3f", "smart", "vat", "neftune"):
         assert saved[method]["delta"] == 4 * 16 * 32 * 4  # delta [batch, tokens, hidden] in float32
     assert saved["msam"] == {"delta": None}  # Momentum-SAM exposes no saved state
+    assert saved["rdrop"] == {"delta": None}  # R-Drop perturbs nothing: a second dropout mask
 
 
 # -- the baselines compute what our methods compute --------------------------------------------------------------
@@ -222,6 +223,52 @@ def test_reference_r3f_matches_ours(noise_type):
     )
     (outcome,) = adversarial_backward(
         our_model, [R3F(our_model, generator=torch.Generator().manual_seed(3), **kwargs)], _logits_loss(our_model, batch)
+    )
+    _assert_same(ref_model, our_model)
+    _assert_regularised(our_model, batch)
+    assert float(outcome.loss) > 0 and not bool(outcome.skipped)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_reference_rdrop_matches_ours(reduction):
+    """With dropout on (0.2): both draw their two masks from torch's global generator, reseeded identically."""
+    transformers = pytest.importorskip("transformers")
+    from reference_snippets import RefRDrop
+
+    from lightning_adv import RDrop
+    from lightning_adv.core import adversarial_backward
+
+    _, _, batch = _tiny_bert_and_batch()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2,
+        hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2,
+    )
+    ref_model = transformers.BertForSequenceClassification(config).double().train()
+    our_model = copy.deepcopy(ref_model)
+    torch.manual_seed(5)
+    RefRDrop(ref_model, alpha=2.0, reduction=reduction).attack_backward(batch, ref_model, lambda loss: loss.backward())
+    torch.manual_seed(5)
+    (outcome,) = adversarial_backward(our_model, [RDrop(our_model, alpha=2.0, reduction=reduction)], _logits_loss(our_model, batch))
+    _assert_same(ref_model, our_model)
+    assert float(outcome.loss) > 0 and not bool(outcome.skipped)
+
+
+@pytest.mark.parametrize("norm_type", ["l2", "inf"])
+def test_reference_vat_matches_ours(norm_type):
+    from reference_snippets import RefVAT
+
+    from lightning_adv import VAT
+    from lightning_adv.core import adversarial_backward
+
+    ref_model, our_model, batch = _tiny_bert_and_batch()
+    kwargs = dict(adv_alpha=3.0, adv_step_size=0.5, noise_var=0.1, noise_gamma=1e-6, norm_type=norm_type)
+    # the same initial noise: N(0, 1) * noise_var on every token, from identically seeded generators
+    RefVAT(ref_model, generator=torch.Generator().manual_seed(3), **kwargs).attack_backward(
+        batch, ref_model, lambda loss: loss.backward()
+    )
+    (outcome,) = adversarial_backward(
+        our_model, [VAT(our_model, generator=torch.Generator().manual_seed(3), **kwargs)], _logits_loss(our_model, batch)
     )
     _assert_same(ref_model, our_model)
     _assert_regularised(our_model, batch)

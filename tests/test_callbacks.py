@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import LogitsText, TextModule, loader, make_data, trainer
 from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback, in_adversarial_pass
+from lightning_adv import RDropCallback, VATCallback
 
 
 @pytest.mark.parametrize("cb", [FGMCallback(epsilon=2.0), AWPCallback(adv_lr=1.0, adv_eps=0.3)])
@@ -158,6 +159,14 @@ def test_fsdp_refused_for_weight_space_methods_with_the_reason(make):
 
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy: it perturbs weights along the whole gradient.*"
                                          r"Use FreeLBCallback, R3FCallback or SMARTCallback"):
+        make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
+
+
+@pytest.mark.parametrize("make", [RDropCallback, VATCallback])
+def test_fsdp_refused_for_rdrop_and_vat_as_untested(make):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: it is not tested under FSDP yet"):
         make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
 
 

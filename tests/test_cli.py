@@ -202,6 +202,8 @@ def test_unknown_callback_class_is_a_parse_error(capsys: Any) -> None:
         ("lightning_adv.FreeLBCallback", {"adv_steps": "ascent passes after the clean one", "norm_type": "l2"}),
         ("lightning_adv.SMARTCallback", {"adv_alpha": "weight of the regulariser", "norm": "per-token normalisation"}),
         ("lightning_adv.R3FCallback", {"eps": "noise magnitude", "r3f_lambda": "weight of the regulariser"}),
+        ("lightning_adv.RDropCallback", {"alpha": "weight of the symmetric KL", "reduction": "batchmean"}),
+        ("lightning_adv.VATCallback", {"adv_step_size": "ascent step size", "noise_var": "standard deviation of the initial"}),
     ],
 )
 def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: Any) -> None:
@@ -230,6 +232,10 @@ RANGE_ERRORS = [
     ("FreeLBCallback", "norm_type", "l3", "l2"),
     ("R3FCallback", "eps", "-1e-5", ">= 0"),
     ("R3FCallback", "noise_type", "gauss", "uniform"),
+    ("RDropCallback", "alpha", "-0.5", ">= 0"),
+    ("RDropCallback", "reduction", "mean", "batchmean"),
+    ("VATCallback", "noise_gamma", "-1e-6", ">= 0"),
+    ("VATCallback", "norm_type", "fro", "l2"),
     ("SMARTCallback", "adv_alpha", "-1", ">= 0"),
     ("SMARTCallback", "steps", "0", "integer >= 1"),
     ("SMARTCallback", "norm", "fro", "inf"),
@@ -289,8 +295,38 @@ def test_cli_fit_really_attacks(tmp_path: Any) -> None:
     assert {"adv/fgm_loss", "adv/awp_loss", "val_robust_acc@1"} <= set(c.trainer.callback_metrics)
 
 
+class DropCLIModel(CLIModel):
+    """CLIModel with dropout, returning its logits (R-Drop)."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__(vocab, dim)
+        self.drop = nn.Dropout(0.2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        ids, y = batch
+        logits = self.head(self.drop(self.word_embeddings(ids).mean(1)))
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits}
+
+
+def test_cli_fit_with_rdrop(tmp_path: Any) -> None:
+    c = LightningCLI(
+        DropCLIModel,
+        CLIData,
+        args=[
+            "fit", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=RDropCallback",
+            "--trainer.callbacks.alpha=0.7", "--trainer.callbacks.reduction=batchmean", *QUIET,
+        ],
+        seed_everything_default=0,
+    )
+    (rdrop,) = of_type(c.trainer.callbacks, lightning_adv.RDropCallback)
+    assert rdrop.alpha == 0.7 and rdrop.reduction == "batchmean"
+    assert rdrop.attacks == 3 and rdrop.skipped == 0
+    assert "adv/rdrop_loss" in c.trainer.callback_metrics
+
+
 # -- "did you mean" (issue 21, point 9) --------------------------------------------------------------------------------
-CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy)"
+CALLBACKS = "(lightning_adv callbacks: AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RDropCallback, RobustAccuracy, SAMCallback, SMARTCallback, TextAttackAccuracy, VATCallback)"
 
 
 @pytest.mark.parametrize(

@@ -150,11 +150,11 @@ def test_neftune_tokens_length_masks_padding_and_leaves_no_hook():
 def test_every_method_declares_a_combine_rule():
     import lightning_adv.core as core
 
-    classes = [core.FGM, core.PGD, core.AWP, core.FreeLB, core.R3F, core.SMART, SAM, NEFTune]
+    classes = [core.FGM, core.PGD, core.AWP, core.FreeLB, core.R3F, core.SMART, SAM, NEFTune, core.RDrop, core.VAT]
     assert all(issubclass(c, Contract) and c.combine in COMBINE_RULES for c in classes)
     assert {c.__name__: c.combine for c in classes} == {
         "FGM": "add", "PGD": "add", "AWP": "replace", "FreeLB": "add", "R3F": "extend_loss", "SMART": "extend_loss",
-        "SAM": "replace", "NEFTune": "extend_loss",
+        "SAM": "replace", "NEFTune": "extend_loss", "RDrop": "extend_loss", "VAT": "extend_loss",
     }
 
 
@@ -166,6 +166,7 @@ def test_engine_names_no_method():
     import lightning_adv.core.step as step
 
     for module in (step, ledger):
-        for name in ("FGM", "PGD", "AWP", "FreeLB", "R3F", "SMART", "SAM", "NEFTune", "Method", "ParameterMethod"):
+        for name in ("FGM", "PGD", "AWP", "FreeLB", "R3F", "SMART", "SAM", "NEFTune", "RDrop", "VAT", "Method",
+                     "ParameterMethod"):
             assert not hasattr(module, name), (module.__name__, name)
         assert "getattr(" not in inspect.getsource(module)

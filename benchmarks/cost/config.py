@@ -20,6 +20,8 @@ AWP_KW = dict(adv_param="weight", adv_lr=1.0, adv_eps=0.2, adv_step=1)
 PGD_KW = dict(epsilon=1.0, alpha=0.3, steps=3, emb_name="word_embeddings")
 FREELB_KW = dict(adv_lr=0.1, adv_steps=2, adv_init_mag=0.6)  # adv_max_norm=0 (unbounded), norm_type="l2"
 R3F_KW = dict(eps=1e-5, r3f_lambda=1.0)  # noise_type="uniform"
+RDROP_KW = dict(alpha=1.0)  # reduction="sum" (dropreg/R-Drop's)
+VAT_KW = dict(adv_alpha=1.0)  # bert4torch's defaults: adv_step_size=1e-3, noise_var=1e-5, noise_gamma=1e-6, norm_type="l2"
 SMART_KW = dict(adv_alpha=1.0, steps=1)  # step_size=1e-3, noise_var=1e-5, epsilon=1e-6, norm="inf"
 SAM_KW = dict(rho=0.05, adaptive=False)  # davda54/sam's defaults
 MSAM_KW = dict(rho=0.3)  # MomentumSAM's default; the core class also takes the loop's optimizer
@@ -39,9 +41,13 @@ METHODS: Dict[str, Dict[str, Any]] = {
                    label=f"FreeLB (adv_steps={FREELB_KW['adv_steps']})", limit=FREELB_KW["adv_steps"]),
     # one noisy forward and the backward through it (cut at the embedding output)
     "r3f": dict(cls="R3F", callback="R3FCallback", kw=R3F_KW, label="R3F", limit=1),
+    # one more forward (another dropout mask) and the backward through it (to the embedding weights)
+    "rdrop": dict(cls="RDrop", callback="RDropCallback", kw=RDROP_KW, label="R-Drop", limit=1),
     # each ascent step: a forward and a gradient w.r.t. delta; then the final forward and its backward
     "smart": dict(cls="SMART", callback="SMARTCallback", kw=SMART_KW, label=f"SMART (steps={SMART_KW['steps']})",
                   limit=SMART_KW["steps"] + 1),
+    # bert4torch's VAT: the ascent forward and the gradient w.r.t. the noise; then the final forward and its backward
+    "vat": dict(cls="VAT", callback="VATCallback", kw=VAT_KW, label="VAT", limit=2),
     # one pass at w + rho * g / ||g||, whose gradient replaces the clean one
     "sam": dict(cls="SAM", callback="SAMCallback", kw=SAM_KW, label="SAM", limit=1),
     # no extra pass: the clean pass runs at weights moved along the optimizer's momentum (issue 19's bar: X <= 0.10)
@@ -58,12 +64,12 @@ PARAMETER_METHODS = ("fgm", "awp", "pgd", "sam")
 # their arithmetic can be timed alone (the others' runs in a forward hook or around the clean pass)
 ARITHMETIC_METHODS = PARAMETER_METHODS
 # the whole micro-batch through adversarial_backward (ours) / the snippet (baseline): FreeLB perturbs the clean pass,
-# R3F and SMART extend the clean loss with a divergence from the clean logits, Momentum-SAM moves the weights before
+# R3F, R-Drop, SMART and VAT extend the clean loss with a divergence from the clean logits, Momentum-SAM moves the weights before
 # the clean pass and NEFTune noises its embedding output
-WHOLE_STEP_METHODS = ("freelb", "r3f", "smart", "msam", "neftune")
+WHOLE_STEP_METHODS = ("freelb", "r3f", "rdrop", "smart", "vat", "msam", "neftune")
 # the reference is an optimizer that replaces the loop's AdamW (MarlonBecker/MSAM's AdamW_MSAM)
 OPTIMIZER_METHODS = ("msam",)
-LOGITS_METHODS = ("r3f", "smart")  # need {"loss", "logits"} from the loss closure
+LOGITS_METHODS = ("r3f", "rdrop", "smart", "vat")  # need {"loss", "logits"} from the loss closure
 PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 REFERENCES = ("fwd_bwd", "plain")  # the unit of cost and the step without attack
 

@@ -56,6 +56,9 @@ class AdversarialCallback(Callback):
     #: whether, under FSDP, it also runs with mixed precision (SMART's ascent takes a backward of its own before the
     #: clean one, after which FSDP frees the low-precision parameters the clean pass's graph still needs)
     supports_fsdp_mixed_precision: bool = True
+    #: why a callback that does not support FSDP refuses it (the first sentence of the error)
+    fsdp_refusal: str = ("it perturbs weights along the whole gradient of each parameter, which FSDP keeps sharded in "
+                         "its flat parameters")
 
     def __init__(self, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0, seed: Optional[int] = None) -> None:
         owner = type(self).__name__
@@ -177,8 +180,7 @@ class AdversarialCallback(Callback):
         if is_fsdp(trainer.strategy):
             if not self.supports_fsdp:
                 raise ValueError(
-                    f"{owner} does not support FSDPStrategy: it perturbs weights along the whole gradient of each "
-                    "parameter, which FSDP keeps sharded in its flat parameters. Use FreeLBCallback, R3FCallback or "
+                    f"{owner} does not support FSDPStrategy: {self.fsdp_refusal}. Use FreeLBCallback, R3FCallback or "
                     f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED}."
                 )
             if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1 and not self.supports_fsdp_accumulation:
