@@ -87,10 +87,9 @@ class AWP(ParameterMethod):
         usable = finite & (grad_norms != 0)
         c = self._grad_scale
         scales = torch.where(usable, self.adv_lr * c * (weight_norms + _GUARD) / (grad_norms * c + _GUARD), 0.0)
-        torch._foreach_mul_(grads, list(scales.unbind()))  # the step, in the (discarded) gradient buffers
-        for s in grads:  # inf * 0 would be nan: a skipped pass must leave the weights as they are
+        for s in grads:  # inf * 0 would be nan: a skipped pass (scale 0) must leave the weights as they are
             s.nan_to_num_(0.0, 0.0, 0.0)
-        torch._foreach_add_(weights, grads)
+        torch._foreach_addcmul_(weights, grads, list(scales.unbind()))  # w += scale * g in one pass, no host sync
         bound = grads
         torch._foreach_copy_(bound, saved)
         torch._foreach_abs_(bound)

@@ -71,8 +71,7 @@ class SAM(ParameterMethod):
             torch._foreach_mul_(steps, regions.weights)  # w^2 * g
         for s in steps:  # inf * 0 would be nan: an unusable gradient leaves the weights as they are
             s.nan_to_num_(0.0, 0.0, 0.0)
-        torch._foreach_mul_(steps, scale.to(steps[0].dtype))
-        torch._foreach_add_(regions.weights, steps)
+        torch._foreach_addcmul_(regions.weights, steps, [scale.to(steps[0].dtype)] * len(steps))  # w += scale * g, one pass
         return finite
 
 
