@@ -45,6 +45,7 @@ MARKERS = {
     "sam methods": "SAMCallback(rho=0.05, interval=4)",
     "how to add a method": "class GaussianNoise(Method)",
     "deepwordbug": "results, summary = deepwordbug_attack(",
+    "causal lm": "class LM(L.LightningModule):",
 }
 
 
@@ -75,6 +76,8 @@ def test_readme_snippet_runs(name: str, capsys: pytest.CaptureFixture) -> None:
         words = out.split()
         assert words[0] == "a" and words[1] != "good" and words[2] == "film"  # "good" misspelt: the prediction flipped
         assert words[3:5] == ["0.5", "0.5"]  # "a dull film" holds: accuracy under attack 0.5, success rate 1 of 2
+    elif name == "causal lm":
+        assert out.split()[-1] == "2"
     elif name == "fabric":
         assert len(namespace["outcomes"]) == 2 and not any(bool(o.skipped) for o in namespace["outcomes"])
         assert torch.isfinite(namespace["loss"])
