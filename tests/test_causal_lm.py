@@ -283,3 +283,31 @@ def test_robust_accuracy_callback_per_token(arch):
     metrics = trainer.test(module, loader, verbose=False)[0]
     acc = torch.cat([hand_robust(module.model, *b, 2.0)[0] for b in batches])
     assert metrics["test_robust_acc@2"] == pytest.approx(float(acc.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_neftune_tokens_length_per_packed_example(packed):
+    """Packed rows (position ids restarting at 0, no padding): with length="tokens" each packed example gets
+    alpha / sqrt(its own length * d); called without position ids, the row's length counts."""
+    model = build("llama")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]])
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    method = NEFTune(model, noise_alpha=5.0, length="tokens", generator=torch.Generator().manual_seed(5))
+    kwargs = {"position_ids": positions} if packed else {}
+    try:
+        adversarial_backward(model, [method], lambda: model(input_ids=ids, labels=ids, **kwargs).loss)
+    finally:
+        handle.remove()
+    noise = seen["hidden"] - model.get_input_embeddings()(ids).detach()
+    uniform = torch.empty(2, 9, 16, dtype=torch.float64).uniform_(-1, 1, generator=torch.Generator().manual_seed(5))
+    length = torch.tensor([[5.0] * 5 + [4.0] * 4, [3.0] * 3 + [6.0] * 6], dtype=torch.float64) if packed else torch.full((2, 9), 9.0, dtype=torch.float64)
+    expected = uniform * (5.0 / torch.sqrt(length * 16)).unsqueeze(-1)
+    assert torch.allclose(noise, expected, rtol=0, atol=1e-12)
+    assert method.position_ids is None and not method._pre_hooks  # nothing left on the model
+    assert all(not m._forward_pre_hooks for m in model.modules() if hasattr(m, "get_input_embeddings"))
