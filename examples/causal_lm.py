@@ -1,7 +1,7 @@
 """Fine-tune a tiny causal LM with LoRA and NEFTune (or FreeLB) on the shipped SST-2 sentences, and print the
 dev perplexity and the token-level robust accuracy before and after.
 
-Runs offline on CPU in well under 2 minutes (15-60 s): ``python examples/causal_lm.py`` (``--method freelb`` for FreeLB,
+Runs offline on CPU in well under 2 minutes (10-60 s): ``python examples/causal_lm.py`` (``--method freelb`` for FreeLB,
 ``--method none`` for plain LoRA, ``--fast`` for a few steps). No download: the model is a small Llama built from
 its config with a fixed seed (standing in for a pretrained base), the tokenizer is character-level, and the data
 is ``examples/data/sst2_sample`` (each sentence prefixed by its sentiment, ``"positive: "`` or ``"negative: "``).
@@ -136,8 +136,8 @@ def main(argv: Sequence[str] = ()) -> Dict[str, float]:
     parser.add_argument("--noise-alpha", type=float, default=0.5,
                         help="NEFTune's noise_alpha (the paper's 5 is for hidden sizes in the thousands: the noise "
                              "alpha/sqrt(L*d) would swamp this 64-wide model's embeddings)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--train-rows", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epsilon", type=float, default=1.0, help="radius of the robust-accuracy attack")
     parser.add_argument("--fast", action="store_true", help="a few steps on a few rows (the smoke test)")
