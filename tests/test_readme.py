@@ -46,6 +46,7 @@ MARKERS = {
     "how to add a method": "class GaussianNoise(Method)",
     "deepwordbug": "results, summary = deepwordbug_attack(",
     "rdrop and vat": "for callback in [RDropCallback(alpha=1.0),",
+    "causal lm": "class LM(L.LightningModule):",
 }
 
 
@@ -78,6 +79,8 @@ def test_readme_snippet_runs(name: str, capsys: pytest.CaptureFixture) -> None:
         assert words[3:5] == ["0.5", "0.5"]  # "a dull film" holds: accuracy under attack 0.5, success rate 1 of 2
     elif name == "rdrop and vat":
         assert out.split() == ["RDropCallback", "4", "VATCallback", "4"], out
+    elif name == "causal lm":
+        assert out.split()[-1] == "2"
     elif name == "fabric":
         assert len(namespace["outcomes"]) == 2 and not any(bool(o.skipped) for o in namespace["outcomes"])
         assert torch.isfinite(namespace["loss"])

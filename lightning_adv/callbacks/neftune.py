@@ -15,7 +15,8 @@ class NEFTuneCallback(AdversarialCallback):
     """NEFTune: uniform noise ``U(-m, m)``, ``m = noise_alpha / sqrt(L * d)``, on the input-embedding output of every
     training forward (:class:`~lightning_adv.core.NEFTune`, after transformers' ``neftune_post_forward_hook``, which
     TRL inherits); no extra pass. ``length="padded"`` (the source's): ``L`` is the padded length; ``"tokens"``: each
-    example's number of real tokens, padding left without noise (the source's open bug, transformers issue 34659).
+    example's number of real tokens, padding left without noise (the source's open bug, transformers issue 34659),
+    and for packed sequences (``position_ids`` restarting at 0) each packed example's own number of tokens.
     The hook lives only inside each training step (never at validation, after ``fit`` or after an exception), and a
     model that already carries transformers' NEFTune hook is refused (the noise would be added twice, TRL issue
     1766). Counts the noised micro-batches; logs no loss.

@@ -48,6 +48,13 @@ class RobustAccuracy(Callback):
     ``[batch, num_classes]`` of a batch as the evaluation dataloader yields it, and the integer labels. It must
     embed the input ids with the perturbed module (found as ``embedding`` says).
 
+    **Causal LM.** ``robust_forward`` may return a causal LM's logits ``[batch, tokens, vocab]`` and its token labels
+    ``[batch, tokens]`` (-100 on padding and prompt; padding left or right), with ``num_classes`` the vocabulary
+    size. Everything is then per token, over the positions that predict a label (the logits at ``t`` predict
+    ``labels[:, t + 1]``, as transformers shifts): the attacked loss is the token cross-entropy summed over those
+    positions (each example's gradient its own), and ``robust_acc`` is the fraction of all labelled tokens of the
+    evaluation data whose argmax is still the label (``robust_loss_gain``: the mean over those tokens).
+
     Args:
         epsilon: L2 norm of the perturbation of each example's embedding output (its largest element for
             linf), >= 0; or a list of them, each measured separately. 0 gives the clean accuracy.

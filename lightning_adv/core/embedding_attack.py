@@ -39,16 +39,25 @@ class AttackResult:
         """Per-example values ``[B]`` whose means are the metrics: ``clean_acc``, ``clean_loss``, and for each
         epsilon ``robust_acc@eps`` (1 where the attacked example is still classified correctly) and
         ``robust_loss_gain@eps`` (its adversarial minus its clean cross-entropy); ``robust_acc`` too for a
-        single epsilon given as a number."""
-        labels = self.labels
-        clean_loss = F.cross_entropy(self.clean_logits, labels, reduction="none")
+        single epsilon given as a number.
+
+        Causal LM (logits ``[B, T, V]``, labels ``[B, T]``): per-token values ``[N]``, one per position that
+        predicts a label (the logits at ``t`` predict ``labels[:, t + 1]``; -100 is masked), so that their means
+        are the token accuracy and the mean token cross-entropy over the labelled tokens."""
+        labels, clean_logits, attacked = self.labels, self.clean_logits, self.logits
+        if labels.dim() == 2:  # a causal LM: the labelled positions, shifted as transformers does
+            mask = labels[:, 1:] != IGNORE_INDEX
+            labels = labels[:, 1:][mask]
+            clean_logits = clean_logits[:, :-1][mask]
+            attacked = attacked[:, :, :-1][:, mask]
+        clean_loss = F.cross_entropy(clean_logits, labels, reduction="none")
         out = {
-            "clean_acc": (self.clean_logits.argmax(-1) == labels).float(),
+            "clean_acc": (clean_logits.argmax(-1) == labels).float(),
             "clean_loss": clean_loss,
         }
         for i, eps in enumerate(self.epsilons):
             key = epsilon_key(eps)
-            logits = self.logits[i]
+            logits = attacked[i]
             out[f"robust_acc@{key}"] = (logits.argmax(-1) == labels).float()
             out[f"robust_loss_gain@{key}"] = F.cross_entropy(logits, labels, reduction="none") - clean_loss
         if self.alias:
@@ -201,9 +210,11 @@ class EmbeddingAttack:
             raise TypeError(f"{self.owner}: the forward must return logits [B, C] or (logits, labels), got {type(out).__name__}.")
         if labels is None:
             raise ValueError(f"{self.owner}: no labels: pass labels= or make the forward return (logits, labels).")
-        if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        token_level = logits.dim() == 3 and labels.shape == logits.shape[:2]  # a causal LM
+        if not token_level and (logits.dim() != 2 or labels.shape != logits.shape[:1]):
             raise ValueError(
-                f"{self.owner}: expected logits [batch, classes] and labels [batch], got {tuple(logits.shape)} and {tuple(labels.shape)}."
+                f"{self.owner}: expected logits [batch, classes] and labels [batch] (or a causal LM's logits [batch, "
+                f"tokens, vocab] and labels [batch, tokens]), got {tuple(logits.shape)} and {tuple(labels.shape)}."
             )
         return logits, labels
 
@@ -278,18 +289,18 @@ class EmbeddingAttack:
         clean_logits = _wide(logits.detach())
         clean_grad: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if need_grad:
-            loss = F.cross_entropy(_wide(logits), labels, reduction="sum")  # each example's gradient is its own
+            loss = _summed_loss(_wide(logits), labels)  # each example's gradient is its own
             clean_grad = self._grad(loss, zero, real)
         del logits
         rows, bad = [], []
         for epsilon in epsilons:
             if epsilon == 0:
                 rows.append(clean_logits)
-                bad.append(torch.zeros_like(labels, dtype=torch.bool))
+                bad.append(torch.zeros(labels.shape[:1], dtype=torch.bool, device=labels.device))
                 continue
             alpha = self.step_of(epsilon)
             delta = self._random(zero, real, epsilon) if self.random_start else torch.zeros_like(zero)
-            nonfinite = torch.zeros_like(labels, dtype=torch.bool)
+            nonfinite = torch.zeros(labels.shape[:1], dtype=torch.bool, device=labels.device)
             for t in range(self.steps):
                 if t == 0 and clean_grad is not None:
                     grad, bad_t = clean_grad
@@ -297,7 +308,7 @@ class EmbeddingAttack:
                     delta = delta.detach().requires_grad_()
                     self._armed(delta)
                     step_logits, _ = self._forward(forward_fn, labels)
-                    grad, bad_t = self._grad(F.cross_entropy(_wide(step_logits), labels, reduction="sum"), delta, real)
+                    grad, bad_t = self._grad(_summed_loss(_wide(step_logits), labels), delta, real)
                 nonfinite = nonfinite | bad_t
                 with torch.no_grad():
                     delta = self._project(delta.detach() + alpha * self._direction(grad), epsilon) * real
@@ -307,6 +318,18 @@ class EmbeddingAttack:
             rows.append(_wide(adv_logits.detach()))
             bad.append(nonfinite)
         return AttackResult(epsilons, labels, clean_logits, torch.stack(rows), torch.stack(bad), alias)
+
+
+IGNORE_INDEX = -100
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy summed over the examples (the gradient of each example is its own); for a causal LM
+    (logits ``[B, T, V]``, labels ``[B, T]``), summed over the labelled tokens, shifted as transformers does (the
+    logits at ``t`` predict ``labels[:, t + 1]``; -100 ignored)."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def _work_dtype(output: torch.Tensor) -> torch.dtype:

@@ -5,7 +5,7 @@ changes the clean pass and runs no pass of its own): no line of the engine knows
 from __future__ import annotations
 
 import math
-from typing import Any, FrozenSet, Literal, Optional, Sequence
+from typing import Any, FrozenSet, List, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,10 @@ class NEFTune(Method):
     while the embedding module is in training mode; no extra pass.
 
     ``length="padded"`` (the source's): ``L`` is the padded length of the batch and every position gets noise.
-    ``length="tokens"``: ``L`` is each example's number of real tokens (from the pad id) and padding gets none.
+    ``length="tokens"``: ``L`` is each example's number of real tokens (from the pad id) and padding gets none;
+    for packed sequences (several examples in one row, the model called with ``position_ids`` that restart at 0 at
+    each example, as transformers' ``DataCollatorWithFlattening`` makes them), ``L`` is the number of real tokens
+    of each packed example, from one restart of the position ids to the next.
 
     Composes with Momentum-SAM only: every other method runs passes (or perturbs the embedding output) that would
     not carry NEFTune's clean-pass noise, and is refused with the reason.
@@ -66,6 +69,10 @@ class NEFTune(Method):
         check_module_path(owner, "embedding", embedding)
         self.target = EmbeddingOutput(model, embedding, owner)
         self.noise_alpha, self.length, self.generator = float(noise_alpha), length, generator
+        self.model = model
+        self.position_ids: Optional[torch.Tensor] = None
+        """The ``position_ids`` the model was last called with in this micro-batch (``length="tokens"``)."""
+        self._pre_hooks: List[torch.utils.hooks.RemovableHandle] = []
 
     def enabled(self) -> bool:
         return self.noise_alpha != 0
@@ -92,12 +99,28 @@ class NEFTune(Method):
         uniform = torch.empty_like(output).uniform_(-1, 1, generator=self.generator)
         if self.length == "padded":
             return uniform * (self.noise_alpha / math.sqrt(output.size(1) * output.size(2)))
-        magnitude = self.noise_alpha / torch.sqrt(lengths(mask).to(output.dtype) * output.size(2))
-        return uniform * magnitude.view(-1, 1, 1) * mask.unsqueeze(-1).to(output.dtype)
+        positions = self.position_ids
+        if positions is not None and positions.shape == output.shape[:2]:
+            count = segment_lengths(positions.to(output.device), mask).to(output.dtype)  # packed: per example
+            magnitude = (self.noise_alpha / torch.sqrt(count * output.size(2))).unsqueeze(-1)
+        else:
+            magnitude = (self.noise_alpha / torch.sqrt(lengths(mask).to(output.dtype) * output.size(2))).view(-1, 1, 1)
+        return uniform * magnitude * mask.unsqueeze(-1).to(output.dtype)
+
+    def _remember_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+            self.position_ids = positions
 
     def prepare(self, step: AttackStep) -> None:
         self.target.attach()
         self.target.arm(self.noise)
+        self.position_ids = None
+        if self.length == "tokens" and not self._pre_hooks:  # the position ids of the transformers models' calls
+            self._pre_hooks = [
+                m.register_forward_pre_hook(self._remember_positions, with_kwargs=True)
+                for m in self.model.modules() if callable(getattr(m, "get_input_embeddings", None))
+            ]
 
     def run(self, step: AttackStep) -> Outcome:
         self.target.require_called()
@@ -106,6 +129,24 @@ class NEFTune(Method):
     def finish(self) -> None:
         self.target.detach()
         self.target.delta = self.target.mask = None
+        for handle in self._pre_hooks:
+            handle.remove()
+        self._pre_hooks, self.position_ids = [], None
 
 
-__all__ = ["NEFTune"]
+def segment_lengths(position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For packed sequences, the number of real tokens (``mask``) of the example each position belongs to, ``[B, T]``
+    (at least 1); an example starts where the position id is 0 (and at the first position of a row).
+
+    >>> segment_lengths(torch.tensor([[0, 1, 2, 0, 1, 0]]), torch.tensor([[True] * 5 + [False]])).tolist()
+    [[3, 3, 3, 2, 2, 1]]
+    """
+    starts = position_ids == 0
+    starts[:, 0] = True
+    segment = starts.long().cumsum(1)  # 1, 2, ... per row
+    counts = torch.zeros(position_ids.shape[0], position_ids.shape[1] + 1, dtype=torch.long, device=position_ids.device)
+    counts.scatter_add_(1, segment, mask.long())
+    return counts.gather(1, segment).clamp_min(1)
+
+
+__all__ = ["NEFTune", "segment_lengths"]

@@ -9,10 +9,13 @@ from torch import nn
 
 
 class PassOutput(NamedTuple):
-    """What one forward pass gave: the loss and, when the step returned them, the logits."""
+    """What one forward pass gave: the loss and, when the step returned them, the logits and the labels (a causal
+    LM's token labels, -100 where masked: SMART and R3F then compare the logits per token over the labelled
+    positions, see :func:`lightning_adv.core.smoothness.token_mask`)."""
 
     loss: torch.Tensor
     logits: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor] = None
 
 
 class Outcome(NamedTuple):
@@ -34,10 +37,10 @@ def pass_output(output: Any) -> Optional[PassOutput]:
     if isinstance(output, torch.Tensor):
         return PassOutput(output, None)
     if isinstance(output, Mapping) and "loss" in output:
-        return None if output["loss"] is None else PassOutput(output["loss"], output.get("logits"))
+        return None if output["loss"] is None else PassOutput(output["loss"], output.get("logits"), output.get("labels"))
     raise TypeError(
         "lightning_adv: an adversarial pass needs the loss; return a tensor or a dict with a 'loss' key "
-        f"(and 'logits' for SMART/R3F), got {type(output).__name__}."
+        f"(and 'logits' for SMART/R3F, 'labels' for a causal LM's token labels), got {type(output).__name__}."
     )
 
 

@@ -21,6 +21,11 @@ class R3F(SmoothnessMethod):
     float32 with gradients through both branches. A regression head (one logit) uses the squared error.
     Cost: one forward and the backward through it.
 
+    Causal LM: when the step returns ``{"loss", "logits", "labels"}`` with logits ``[B, T, V]`` and token labels
+    ``[B, T]`` (-100 where masked), the symmetric KL is taken per token and averaged over the positions that
+    predict a label (:func:`~lightning_adv.core.smoothness.token_mask`: the logits at ``t`` predict
+    ``labels[:, t + 1]``, as transformers shifts), padding and prompt left out.
+
     Args:
         model: the model (its input embedding found as :class:`~lightning_adv.core.EmbeddingOutput` says).
         eps: noise magnitude (>= 0); 0 adds nothing.

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_adv.core.checks import check_choice, check_int, check_module_path, check_non_negative
-from lightning_adv.core.smoothness import SmoothnessMethod, is_regression, stable_kl, sym_kl_criterion
+from lightning_adv.core.smoothness import SmoothnessMethod, is_regression, select_tokens, stable_kl, sym_kl_criterion, token_mask
 from lightning_adv.core.step import AttackStep, PassOutput
 
 
@@ -25,6 +25,11 @@ class SMART(SmoothnessMethod):
     gradient adds nothing (counted as skipped). The regulariser is mt-dnn's ``SymKlCriterion`` (the squared error
     for a regression head). Unlike mt-dnn's ``fwd_type=2`` path, which adds the position and type embeddings a
     second time, ``delta`` is added to the word-embedding output once. Cost: about 2 passes with ``steps=1``.
+
+    Causal LM: when the step returns ``{"loss", "logits", "labels"}`` with logits ``[B, T, V]`` and token labels
+    ``[B, T]`` (-100 where masked), the ascent's ``stable_kl`` and the regulariser are taken per token over the
+    positions that predict a label (:func:`~lightning_adv.core.smoothness.token_mask`: the logits at ``t``
+    predict ``labels[:, t + 1]``), the regulariser averaged over those tokens of the batch.
 
     Args:
         model: the model (its input embedding found as :class:`~lightning_adv.core.EmbeddingOutput` says).
@@ -96,6 +101,7 @@ class SMART(SmoothnessMethod):
     def perturbed_logits(self, step: AttackStep, clean: PassOutput) -> Tuple[torch.Tensor, torch.Tensor]:
         target_logits = clean.logits.detach()
         regression = is_regression(target_logits)
+        mask = token_mask(target_logits, clean.labels)  # a causal LM: the ascent on the labelled tokens only
         valid = torch.ones((), dtype=torch.bool, device=target_logits.device)
         delta: Optional[torch.Tensor] = None
 
@@ -113,7 +119,7 @@ class SMART(SmoothnessMethod):
             if regression:
                 adv = F.mse_loss(out.logits.float(), target_logits.float(), reduction="sum")  # as mt-dnn
             else:
-                adv = stable_kl(out.logits, target_logits, reduce=False)
+                adv = stable_kl(select_tokens(out.logits, mask), select_tokens(target_logits, mask), reduce=False)
             grad = step.input_gradient(adv, delta)
             if grad is None:
                 raise RuntimeError(

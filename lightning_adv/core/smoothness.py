@@ -58,6 +58,34 @@ def sym_kl_criterion(clean: torch.Tensor, adversarial: torch.Tensor) -> torch.Te
     ) + F.kl_div(F.log_softmax(adversarial, dim=-1, dtype=t), F.softmax(clean.detach(), dim=-1, dtype=t), reduction="batchmean")
 
 
+IGNORE_INDEX = -100
+"""The label of a position that the loss ignores (``torch.nn.CrossEntropyLoss`` and transformers)."""
+
+
+def token_mask(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The positions of causal-LM logits ``[B, T, V]`` that predict a label, ``[B, T]`` bool; ``None`` for any
+    other output (sequence-classification logits ``[B, C]``, or no labels given).
+
+    As transformers' causal-LM loss shifts: the logits at position ``t`` predict ``labels[:, t + 1]``, so position
+    ``t`` counts when ``labels[:, t + 1] != -100``, and the last position never does. Padding (left or right) and
+    prompt tokens labelled -100 are thus left out, whatever side the padding is on.
+
+    >>> token_mask(torch.zeros(1, 4, 5), torch.tensor([[-100, 7, 8, -100]])).tolist()
+    [[True, True, False, False]]
+    """
+    if labels is None or logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        return None
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask.to(logits.device)
+
+
+def select_tokens(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The logits of the positions of ``mask``, ``[N, V]`` (all of ``logits`` when ``mask`` is None): a divergence
+    of them with a mean over the rows is the mean over the labelled tokens of the batch."""
+    return logits if mask is None else logits[mask]
+
+
 def is_regression(logits: torch.Tensor) -> bool:
     """One output per example: a regression head, for which the squared error replaces the KL."""
     return logits.dim() == 1 or logits.shape[-1] == 1
@@ -113,8 +141,11 @@ class SmoothnessMethod(Method):
             self.stats["delta_norm"] = per_example_norms(self.target.delta.detach().float()).mean()
         z_clean = clean.logits.detach().to(wide(clean.logits.dtype)).requires_grad_()
         z_perturbed = perturbed.detach().to(z_clean.dtype).reshape(z_clean.shape).requires_grad_()
+        mask = token_mask(z_clean, clean.labels)  # a causal LM: the divergence per token, over the labelled ones
         with torch.enable_grad():
-            value = self.divergence(z_clean, z_perturbed)
+            value = self.divergence(select_tokens(z_clean, mask), select_tokens(z_perturbed, mask))
+            if mask is not None:
+                value = torch.where(mask.any(), value, torch.zeros_like(value))  # no labelled token: nothing
             g_clean, g_perturbed = torch.autograd.grad(self.weight * value, [z_clean, z_perturbed], allow_unused=True)
         keep = valid.to(z_clean.dtype)  # an invalid attack (non-finite gradient) adds nothing, without a sync
         g_clean = torch.zeros_like(z_clean) if g_clean is None else torch.nan_to_num(g_clean) * keep
