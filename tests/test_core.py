@@ -183,3 +183,32 @@ def test_row_wise_branch_equals_dense_and_reference(kind, monkeypatch):
     assert seen_device[0] - seen[0] > emb_bytes * 0.8
     if kind == "awp3":
         assert seen[0] < seen[1] <= seen[2]  # grown by the rows of the other batches
+
+
+def test_touched_rows_finds_exactly_the_rows_that_are_not_zero():
+    from lightning_adv.core.snapshot import touched_rows
+
+    g = torch.zeros(10, 4, dtype=torch.float64)
+    g[2, 3] = 1e-300  # tiny, not zero; its first column zero
+    g[7, 0] = -2.0
+    g[5, 1] = float("nan")
+    assert touched_rows(g).tolist() == [2, 5, 7]
+    g[8] = -0.0  # a negative zero is zero
+    assert touched_rows(g).tolist() == [2, 5, 7]
+    dense = torch.randn(10, 4)
+    assert touched_rows(dense) is None  # most rows touched: seen from the first column
+    dense[:, 0] = 0.0
+    assert touched_rows(dense) is None  # the first column zero, the rows still touched: the full check
+    assert touched_rows(torch.zeros(10, 4)).tolist() == []
+    assert touched_rows(torch.randn(10)) is None  # a vector is dense
+
+
+def test_zero_nonfinite_skips_the_pass_only_when_all_are_finite():
+    from lightning_adv.core.snapshot import zero_nonfinite
+
+    t = [torch.tensor([1.0, float("inf")]), torch.tensor([float("nan")])]
+    zero_nonfinite(t, torch.tensor(False))
+    assert t[0].tolist() == [1.0, 0.0] and t[1].tolist() == [0.0]
+    t = [torch.tensor([1.0, 2.0])]
+    zero_nonfinite(t, torch.tensor(True))
+    assert t[0].tolist() == [1.0, 2.0]

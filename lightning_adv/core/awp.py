@@ -10,7 +10,7 @@ from torch import nn
 from lightning_adv.core.checks import check_int, check_non_negative, check_pattern
 from lightning_adv.core.method import ParameterMethod
 from lightning_adv.core.params import select_trainable
-from lightning_adv.core.snapshot import Regions, Snapshot, norms
+from lightning_adv.core.snapshot import Regions, Snapshot, norms, zero_nonfinite
 from lightning_adv.core.step import AttackStep, Outcome
 
 _GUARD = 1e-6  # the reference's guard against a zero norm
@@ -87,16 +87,15 @@ class AWP(ParameterMethod):
         usable = finite & (grad_norms != 0)
         c = self._grad_scale
         scales = torch.where(usable, self.adv_lr * c * (weight_norms + _GUARD) / (grad_norms * c + _GUARD), 0.0)
-        for s in grads:  # inf * 0 would be nan: a skipped pass (scale 0) must leave the weights as they are
-            s.nan_to_num_(0.0, 0.0, 0.0)
+        zero_nonfinite(grads, finite)  # inf * 0 would be nan: a skipped pass (scale 0) must leave the weights as they are
         torch._foreach_addcmul_(weights, grads, list(scales.unbind()))  # w += scale * g in one pass, no host sync
+        # keep w within [w0 - eps|w0|, w0 + eps|w0|], the bounds built in the gradient buffers (scratch from here):
+        # 6 passes over the weights (with the step), one copy of them saved (the snapshot's)
         bound = grads
-        torch._foreach_copy_(bound, saved)
-        torch._foreach_abs_(bound)
-        torch._foreach_mul_(bound, self.adv_eps)
-        torch._foreach_sub_(weights, saved)  # the weights now hold the perturbation
+        for b, w0 in zip(bound, saved):
+            torch.abs(w0, out=b)
+            torch.add(w0, b, alpha=self.adv_eps, out=b)  # the upper bound w0 + eps|w0|
         torch._foreach_minimum_(weights, bound)
-        torch._foreach_neg_(bound)
+        torch._foreach_lerp_(bound, saved, 2.0)  # the lower bound: 2 w0 - (w0 + eps|w0|)
         torch._foreach_maximum_(weights, bound)
-        torch._foreach_add_(weights, saved)
         return finite

@@ -10,7 +10,7 @@ from torch import nn
 from lightning_adv.core.checks import check_non_negative, check_pattern
 from lightning_adv.core.method import ParameterMethod
 from lightning_adv.core.params import select_trainable
-from lightning_adv.core.snapshot import Regions, Snapshot, norms
+from lightning_adv.core.snapshot import Regions, Snapshot, norms, zero_nonfinite
 from lightning_adv.core.step import AttackStep, Outcome
 
 
@@ -19,8 +19,7 @@ def scaled_steps(grads: list, numerator: float, finite: torch.Tensor, grad_norms
     usable = finite & (grad_norms != 0)
     scales = torch.where(usable, numerator / torch.where(usable, grad_norms, 1.0), 0.0)
     steps = torch._foreach_mul(grads, list(scales.unbind()))
-    for s in steps:  # inf * 0 would be nan: a skipped attack must leave the weights as they are
-        s.nan_to_num_(0.0, 0.0, 0.0)
+    zero_nonfinite(steps, finite)  # inf * 0 would be nan: a skipped attack must leave the weights as they are
     return steps
 
 

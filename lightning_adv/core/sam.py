@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_adv.core.checks import check_non_negative
 from lightning_adv.core.method import ParameterMethod
-from lightning_adv.core.snapshot import Regions, Snapshot, norms
+from lightning_adv.core.snapshot import Regions, Snapshot, norms, zero_nonfinite
 from lightning_adv.core.step import AttackStep, Outcome
 
 
@@ -69,8 +69,7 @@ class SAM(ParameterMethod):
         scale = torch.where(finite, self.rho * self._grad_scale / (total + 1e-12), 0.0)
         if self.adaptive:
             torch._foreach_mul_(steps, regions.weights)  # w^2 * g
-        for s in steps:  # inf * 0 would be nan: an unusable gradient leaves the weights as they are
-            s.nan_to_num_(0.0, 0.0, 0.0)
+        zero_nonfinite(steps, finite)  # inf * 0 would be nan: an unusable gradient leaves the weights as they are
         torch._foreach_addcmul_(regions.weights, steps, [scale.to(steps[0].dtype)] * len(steps))  # w += scale * g, one pass
         return finite
 
