@@ -35,7 +35,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 from ddp_script import callbacks_for, module_for, parse  # noqa: E402
 from helpers import BatchSeeded, cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
 from lightning_adv import (  # noqa: E402
-    AWPCallback, FGMCallback, FreeLBCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy, SMARTCallback,
+    AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy,
+    SAMCallback, SMARTCallback,
 )
 from test_usage import hf_batches  # noqa: E402
 
@@ -48,6 +49,8 @@ CONFIGS = [
     "smart_k1:smart:1:1:32-true:0:0",
     "smart2_k2:smart:2:2:32-true:0:0",
     "neftune_k2:neftune:1:2:32-true:0:0",
+    "sam_k2:sam:1:2:32-true:0:0",
+    "asam_k1:asam:1:1:32-true:0:0",
 ]
 # Manual optimization is left out: Lightning 2.6 runs training_step inside FSDP's forward, where FSDP refuses a
 # backward (plain manual_backward fails the same way: "Expects BACKWARD_PRE or BACKWARD_POST state").
@@ -115,6 +118,8 @@ def hf_callbacks(method: str) -> List[Any]:
         return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), BatchSeeded()]
     if method == "neftune":
         return [NEFTuneCallback(noise_alpha=5.0), BatchSeeded()]
+    if method in ("sam", "asam"):
+        return [SAMCallback(rho=0.5 if method == "asam" else 0.05, adaptive=method == "asam")]
     return []
 
 
@@ -138,11 +143,12 @@ HF_CONFIGS = [
     "bert_none_k2:bert:none:2:0", "bert_freelb_k2:bert:freelb:2:0", "bert_r3f_k2:bert:r3f:2:0", "bert_smart_k2:bert:smart:2:0",
     "gpt2_freelb_frozen:gpt2:freelb:2:1", "llama_r3f_frozen:llama:r3f:2:1", "llama_smart:llama:smart:2:0",
     "llama_neftune_frozen:llama:neftune:2:1", "bert_neftune_k2:bert:neftune:2:0",
+    "bert_sam_k2:bert:sam:2:0", "llama_asam_frozen:llama:asam:2:1",
 ]
 
 
 BF16_CONFIGS = ["none_k2:none:1:2:bf16-mixed:0:0", "freelb2_k2:freelb:2:2:bf16-mixed:0:0", "r3f_k2:r3f:1:2:bf16-mixed:0:0",
-                "neftune_k2:neftune:1:2:bf16-mixed:0:0"]  # SMART is refused with mixed precision under FSDP
+                "neftune_k2:neftune:1:2:bf16-mixed:0:0", "sam_k2:sam:1:2:bf16-mixed:0:0"]  # SMART is refused with mixed precision under FSDP
 
 
 def weights(module: Any) -> List[float]:
@@ -211,7 +217,7 @@ def main(path: str, device: str) -> None:
         report[name] = {strategy: hf_fit(arch, method, int(accumulate), frozen == "1", device, strategy == "fsdp")
                         for strategy in ("single", "fsdp")}
     refused: Dict[str, str] = {"RobustAccuracy": robust_refused(device)}
-    for make in (FGMCallback, AWPCallback, PGDCallback):
+    for make in (FGMCallback, AWPCallback, PGDCallback, MomentumSAMCallback):
         try:
             strategy = FSDPStrategy() if device == "cuda" else cpu_fsdp_strategy()
             trainer(accelerator=device, devices=1, strategy=strategy, max_steps=1,

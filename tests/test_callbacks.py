@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import LogitsText, TextModule, loader, make_data, trainer
 from lightning_adv import AWP, FGM, AWPCallback, FGMCallback, FreeLBCallback, PGDCallback, R3FCallback, SMARTCallback, in_adversarial_pass
-from lightning_adv import RDropCallback, VATCallback
+from lightning_adv import MomentumSAMCallback, RDropCallback, SAMCallback, VATCallback
 
 
 @pytest.mark.parametrize("cb", [FGMCallback(epsilon=2.0), AWPCallback(adv_lr=1.0, adv_eps=0.3)])
@@ -179,6 +179,23 @@ def test_fsdp_with_several_processes_and_accumulation_refused_for_smart():
         SMARTCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
     for make in (FreeLBCallback, R3FCallback):
         make().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=4), TextModule(), "fit")
+
+
+def test_fsdp_sam_accepted_where_its_norm_is_right_and_refused_elsewhere():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    for strategy in (FSDPStrategy(), FSDPStrategy(sharding_strategy="NO_SHARD"), FSDPStrategy(sharding_strategy="SHARD_GRAD_OP")):
+        SAMCallback().setup(_fake_trainer_of(strategy, world_size=2), TextModule(), "fit")
+        SAMCallback(adaptive=True).setup(_fake_trainer_of(strategy, accumulate=4), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"SAMCallback under FSDPStrategy with several processes \(world_size=2\) needs "
+                                         r"accumulate_grad_batches=1 \(got 2\)"):
+        SAMCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=2), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"sharding_strategy='HYBRID_SHARD'\) is not supported: the gradient norm would be "
+                                         r"summed over replicas"):
+        hybrid = FSDPStrategy(sharding_strategy="HYBRID_SHARD", auto_wrap_policy={torch.nn.Linear})
+        SAMCallback().setup(_fake_trainer_of(hybrid, world_size=2), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"MomentumSAMCallback does not support FSDPStrategy: it points the parameters at new"):
+        MomentumSAMCallback().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
 
 
 def test_checkpoint_resume_keeps_counters(tmp_path):

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from helpers import TextModule, TinyText, loader, make_data, trainer
 from lightning_adv import FGMCallback, FreeLBCallback, PGDCallback
-from lightning_adv.core import AWP, FGM, PGD, R3F, SMART, FreeLB, adversarial_backward
+from lightning_adv.core import AWP, FGM, PGD, R3F, SAM, SMART, FreeLB, adversarial_backward
 
 EMB = "embeddings.word_embeddings"
 
@@ -133,12 +133,14 @@ def _views_step(model, methods, ids, y, grads_are_views):
 @pytest.mark.parametrize("make", [lambda m: FreeLB(m, adv_lr=0.3, adv_steps=2, adv_init_mag=0.0, embedding=EMB),
                                   lambda m: R3F(m, eps=0.3, embedding=EMB, generator=torch.Generator().manual_seed(1)),
                                   lambda m: SMART(m, adv_alpha=2.0, step_size=0.5, noise_var=0.1, steps=2, embedding=EMB,
-                                                  generator=torch.Generator().manual_seed(1))])
+                                                  generator=torch.Generator().manual_seed(1)),
+                                  lambda m: SAM(m, rho=0.3), lambda m: SAM(m, rho=0.5, adaptive=True)])
 def test_gradient_views_give_the_gradient_of_moving_them(make):
     """With `.grad` never reassigned (views into FSDP's flat gradient): an accumulated micro-batch gives exactly the
     gradient of the default path, which moves the `.grad` tensors aside. The earlier gradient stays in `.grad` (FreeLB:
     divided by its clean weight before the clean backward); SMART's ascent gradient comes from a full backward with
-    `.grad` written back in place (AttackStep.input_gradient); R3F's and SMART's perturbed loss joins the clean one."""
+    `.grad` written back in place (AttackStep.input_gradient); R3F's and SMART's perturbed loss joins the clean one; SAM
+    (which reads the gradient) gets the clean gradient alone, the earlier one copied aside and added back in place."""
     results = []
     for in_place in (False, True):
         torch.manual_seed(0)
@@ -152,6 +154,15 @@ def test_gradient_views_give_the_gradient_of_moving_them(make):
         results.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_norm_over_shards_sums_the_squares_over_the_processes():
+    from lightning_adv.core import AttackStep
+
+    local = torch.tensor(3.0, dtype=torch.float64)
+    assert AttackStep([], [], lambda: None).norm_over_shards(local) is local  # whole gradients: the local norm itself
+    four_shards = AttackStep([], [], lambda: None, shard_sum=lambda t: 4 * t)  # four processes with the same norm
+    assert float(four_shards.norm_over_shards(local)) == 6.0
 
 
 def test_two_methods_after_the_backward_refuse_gradient_views():

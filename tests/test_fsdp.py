@@ -1,11 +1,13 @@
-"""Lightning's FSDPStrategy (on CPU processes, gloo): FreeLB, R3F and SMART equal the run without FSDP.
+"""Lightning's FSDPStrategy (on CPU processes, gloo): FreeLB, R3F, SMART, NEFTune and SAM equal the run without FSDP.
 
 On one device FSDP runs NO_SHARD (flat parameters, ``.grad`` views, its backward hooks): FreeLB, R3F and SMART, with
 and without gradient accumulation, end with the weights of the same fit under the default strategy, on a tiny text
 model and on BERT, GPT-2 and Llama classifiers wrapped by FSDP layer by layer (frozen input embeddings included). With two
 processes (FULL_SHARD and NO_SHARD) FreeLB and R3F (with gradient accumulation) and SMART (without) equal one
-process over the same micro-batches. FGM, AWP, PGD and RobustAccuracy are refused with their reason; SMART with
-several processes and accumulation is refused at setup (tests/test_callbacks.py). tests/test_cuda.py runs the same
+process over the same micro-batches; SAM and ASAM (one device: with accumulation too; two processes: without) equal one
+process over the whole step's batch, their norm summed over the shards. FGM, AWP, PGD, Momentum-SAM and RobustAccuracy
+are refused with their reason; SMART and SAM with several processes and accumulation are refused at setup
+(tests/test_callbacks.py). tests/test_cuda.py runs the same
 one-device script with Lightning's FSDPStrategy on a GPU.
 """
 
@@ -20,8 +22,12 @@ from typing import Any, Dict
 import pytest
 import torch
 
+from torch.utils.data import DataLoader, Subset
+
+from ddp_script import callbacks_for, module_for, parse
 from fsdp_script import CONFIGS, HF_CONFIGS
-from test_ddp import WORLD, _launch, single_process_reference
+from helpers import make_data, trainer
+from test_ddp import BATCH, WORLD, _launch, single_process_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,7 +65,7 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
             assert report[name]["fsdp"]["embedding_moved"] == report[name]["single"]["embedding_moved"] == 0.0, name
         else:
             assert report[name]["fsdp"]["embedding_moved"] > 0, name
-    for name in ("none_k2", "freelb2_k2", "r3f_k2", "neftune_k2"):  # bf16-mixed: FSDP's bf16 parameters
+    for name in ("none_k2", "freelb2_k2", "r3f_k2", "neftune_k2", "sam_k2"):  # bf16-mixed: FSDP's bf16 parameters
         fp32, fsdp = (torch.tensor(report["bf16_" + name][k]["weights"]) for k in ("fp32", "fsdp"))
         assert bool(torch.isfinite(fsdp).all()), name
         # FSDP in bf16 parameters against the float32 fit (README: 2.5e-3 to 3.6e-3 on an H200); autocast's bf16 is
@@ -75,6 +81,7 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
     refused = report["refused"]
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
+    assert refused["MomentumSAMCallback"].startswith("MomentumSAMCallback does not support FSDPStrategy: it points"), refused
     assert refused["RobustAccuracy"].startswith("RobustAccuracy does not support FSDPStrategy"), refused["RobustAccuracy"]
     assert refused["SMARTCallback_bf16"].startswith("SMARTCallback under FSDPStrategy needs precision='32-true'"), refused
     # the reason: with the refusal lifted, the FSDP-wrapped encoder layers lose their registered parameters
@@ -104,6 +111,37 @@ def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> N
         if k == 1 and method != "none":  # against the run without attack (same schedule): the attack is not a no-op
             plain = torch.load(tmp_path / "none_rank0.pt")["weights"][-1]
             assert float((ranks[0]["weights"][-1] - plain).abs().max()) > 1e-3
+
+
+def global_batch_reference(cfg: str) -> torch.Tensor:
+    """One process, batches of WORLD * BATCH (each the ranks' micro-batches of one step, in DistributedSampler's order):
+    what SAM under FSDP computes, its perturbation coming from the gradient of the whole step (all processes)."""
+    ds = make_data(16)
+    per_rank = [list(range(r, len(ds), WORLD)) for r in range(WORLD)]
+    order = [i for s in range(len(per_rank[0]) // BATCH) for r in range(WORLD) for i in per_rank[r][s * BATCH:(s + 1) * BATCH]]
+    module = module_for(parse(cfg), torch.float32)
+    trainer(max_epochs=2, callbacks=callbacks_for(parse(cfg))).fit(module, DataLoader(Subset(ds, order), batch_size=WORLD * BATCH))
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_no_shard"])
+def test_sam_on_two_fsdp_processes_equals_one_process_over_the_whole_batch(tmp_path: Any, strategy: str) -> None:
+    """SAM and ASAM under FSDP: after the backward every process holds its shard of the all-process mean gradient
+    (FULL_SHARD) or all of it (NO_SHARD); the norm is taken over every shard (one all-reduce of a scalar), so the step
+    equals one process over the whole step's batch. Under DDP the perturbation comes from each rank's own gradient
+    instead (tests/test_ddp.py), as in the paper and Composer: the two strategies differ there, by design."""
+    configs = ["none:none:1:1:32-true:0:0", "sam_k1:sam:1:1:32-true:0:0", "asam_k1:asam:1:1:32-true:0:0"]
+    _launch(tmp_path, strategy, configs)
+    plain = torch.load(tmp_path / "none_rank0.pt")["weights"][-1]
+    for cfg in configs[1:]:
+        name = cfg.split(":")[0]
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(WORLD)]
+        for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
+            assert torch.equal(w0, w1)
+        assert ranks[0]["attacks"] == [2 * 16 // WORLD // BATCH]
+        assert float((ranks[0]["weights"][-1] - global_batch_reference(cfg)).abs().max()) < 1e-5, cfg
+        assert float((ranks[0]["weights"][-1] - single_process_reference(cfg)).abs().max()) > 1e-4, cfg  # not per rank
+        assert float((ranks[0]["weights"][-1] - plain).abs().max()) > 1e-3, cfg  # the attack is not a no-op
 
 
 @pytest.mark.parametrize("sharding", ["FULL_SHARD", "NO_SHARD"])

@@ -181,13 +181,13 @@ class AdversarialCallback(Callback):
             if not self.supports_fsdp:
                 raise ValueError(
                     f"{owner} does not support FSDPStrategy: {self.fsdp_refusal}. Use FreeLBCallback, R3FCallback or "
-                    f"SMARTCallback (they perturb the embedding output), or train with {SUPPORTED}."
+                    f"SMARTCallback (they perturb the embedding output), SAMCallback, or train with {SUPPORTED}."
                 )
             if trainer.world_size > 1 and trainer.accumulate_grad_batches > 1 and not self.supports_fsdp_accumulation:
                 raise ValueError(
                     f"{owner} under FSDPStrategy with several processes (world_size={trainer.world_size}) needs "
                     f"accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): between micro-batches sharded FSDP "
-                    "holds `.grad` unsharded and unreduced, which the ascent cannot copy aside. Use a larger batch, "
+                    "holds `.grad` unsharded and unreduced, which it cannot set aside for its own gradient reading. Use a larger batch, "
                     "FreeLBCallback or R3FCallback, DDP ('ddp'), or FSDP on one device."
                 )
             if "mixed" in str(getattr(trainer, "precision", "")) and not self.supports_fsdp_mixed_precision:

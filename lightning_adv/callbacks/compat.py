@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -69,6 +69,21 @@ def ddp_module(trainer: Any) -> Optional[DistributedDataParallel]:
 def is_fsdp(trainer: Any) -> bool:
     """Whether the trainer runs Lightning's ``FSDPStrategy`` (by name: also ``pytorch_lightning``'s)."""
     return strategies.is_fsdp(trainer.strategy)
+
+
+def shard_sum(trainer: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Under FSDP sharding over several processes, the sum of a tensor over them (the strategy's all-reduce): each holds
+    a shard of the gradients; ``None`` otherwise (one process, or ``NO_SHARD``: every process holds whole gradients).
+    Hybrid sharding (shards within a node, replicas across nodes) is refused at setup by the callbacks that read it."""
+    if not is_fsdp(trainer) or trainer.world_size <= 1 or fsdp_sharding(trainer) == "NO_SHARD":
+        return None
+    return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def fsdp_sharding(trainer: Any) -> str:
+    """The name of the FSDP strategy's sharding strategy (``"FULL_SHARD"``, ``"NO_SHARD"``, ``"HYBRID_SHARD"``...)."""
+    sharding = getattr(trainer.strategy, "sharding_strategy", None)
+    return str(getattr(sharding, "name", sharding))
 
 
 def ddp_kwargs(strategy: Any) -> dict:

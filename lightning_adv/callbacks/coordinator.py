@@ -159,7 +159,7 @@ class Coordinator(Callback):
         self.step = AttackStep(
             [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in self.plan], forward, backward,
             sync=sync, sync_last=compat.will_step_optimizer(trainer), grad_scale=1.0 / sync.world_size,
-            grads_are_views=compat.is_fsdp(trainer),
+            grads_are_views=compat.is_fsdp(trainer), shard_sum=compat.shard_sum(trainer),
         )
         self._phase = "forward"
         if any(getattr(cb.method, "needs_logits", False) for cb in self.plan):
@@ -223,7 +223,7 @@ class Coordinator(Callback):
         step = AttackStep(
             [p for p in pl_module.parameters() if p.requires_grad], [cb.method for cb in plan], loss_fn,
             pl_module.manual_backward, sync=sync, sync_last=bool(ddp.require_backward_grad_sync) if ddp is not None else True,
-            grad_scale=1.0 / sync.world_size, grads_are_views=compat.is_fsdp(trainer),
+            grad_scale=1.0 / sync.world_size, grads_are_views=compat.is_fsdp(trainer), shard_sum=compat.shard_sum(trainer),
         )
         self._watch = None
         loss, outcomes = run_micro_batch(step, loss_fn, "adversarial_backward", isolated=lambda: self._isolated(pl_module))

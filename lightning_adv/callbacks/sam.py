@@ -7,6 +7,7 @@ from typing import Any, Dict
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
+from lightning_adv.callbacks import compat
 from lightning_adv.callbacks.base import AdversarialCallback
 from lightning_adv.core.checks import NonNegativeFloat, NonNegativeInt, PositiveInt, check_int, check_non_negative
 from lightning_adv.core.momentum_sam import MomentumSAM
@@ -19,6 +20,8 @@ class SAMCallback(AdversarialCallback):
     the gradient at the perturbed weights, and the weights are restored exactly (:class:`~lightning_adv.core.SAM`,
     after davda54/sam). With gradient accumulation each micro-batch is perturbed from its own clean gradient; under
     DDP from the rank's local gradient (as the paper and Composer), with one all-reduce per optimizer step; under
+    FSDP from the step's global gradient (FSDP has reduced it before the callback sees it: each process perturbs its
+    shard, the norm summed over the shards; with several processes ``accumulate_grad_batches=1``); under
     16-mixed the direction comes from the unscaled gradient and an overflow skips the perturbation. Costs one pass
     every ``interval`` optimizer steps. Logs ``adv/sam_loss`` (the loss at the perturbed weights) and the counters.
 
@@ -42,6 +45,10 @@ class SAMCallback(AdversarialCallback):
         2
     """
 
+    #: under FSDP the gradient is read on its shards (the norm all-reduced): after the backward each process holds its
+    #: shard of the all-process mean, so the perturbation comes from the step's global gradient (not the rank's own)
+    supports_fsdp = True
+
     def __init__(
         self,
         rho: NonNegativeFloat = 0.05,
@@ -57,6 +64,15 @@ class SAMCallback(AdversarialCallback):
             raise ValueError(f"{owner}(adaptive={adaptive!r}): adaptive must be True or False.")
         super().__init__(start_epoch=start_epoch, start_step=start_step)
         self.rho, self.adaptive, self.interval = float(rho), adaptive, int(interval)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and compat.is_fsdp(trainer) and "HYBRID" in compat.fsdp_sharding(trainer):
+            raise ValueError(
+                f"{type(self).__name__} under FSDPStrategy(sharding_strategy={compat.fsdp_sharding(trainer)!r}) is not "
+                "supported: the gradient norm would be summed over replicas as well as shards. Use 'FULL_SHARD', "
+                "'SHARD_GRAD_OP' or 'NO_SHARD', or DDP ('ddp')."
+            )
+        super().setup(trainer, pl_module, stage)
 
     def build_method(self, pl_module: nn.Module) -> SAM:
         return SAM(pl_module, rho=self.rho, adaptive=self.adaptive)
@@ -92,6 +108,9 @@ class MomentumSAMCallback(AdversarialCallback):
         >>> msam.attacks
         3
     """
+
+    fsdp_refusal = ("it points the parameters at new, perturbed tensors while the clean pass runs, which FSDP's flat "
+                    "parameters (whose views the parameters are) do not allow; SAMCallback runs under FSDP")
 
     def __init__(self, rho: NonNegativeFloat = 0.3, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_non_negative(type(self).__name__, rho=rho)

@@ -35,7 +35,11 @@ class Contract:
         clean_weight: factor applied to the micro-batch's clean gradient (1.0: none).
         needs_logits: whether the step must return its logits (``{"loss": loss, "logits": logits}``).
         reads_gradient: whether the method reads or clears the parameter gradients (``step.clean_grads``,
-            ``step.zero_grad``): refused where gradients are views into a sharded buffer (FSDP).
+            ``step.zero_grad``): refused where gradients are views into a sharded buffer (FSDP), unless
+            ``sharded_gradient``.
+        sharded_gradient: whether a method that reads the gradients is also right on a shard of them: it reads them
+            elementwise and takes its sums over all parameters through ``step.norm_over_shards`` (SAM's global norm),
+            on every process, also one that holds no gradient; such a method runs under FSDP.
         needs_clean_pass: whether the method must see the clean forward (it perturbs from :meth:`prepare` on).
     """
 
@@ -44,6 +48,7 @@ class Contract:
     clean_weight: float = 1.0
     needs_logits: bool = False
     reads_gradient: bool = False
+    sharded_gradient: bool = False
     needs_clean_pass: bool = False
 
     @property

@@ -15,7 +15,10 @@ Two storage strategies, one per mode:
   a method clears ``.grad`` or overwrites it.
 * :class:`InPlaceLedger` (gradients that are views into a buffer owned elsewhere, FSDP's flat gradient): ``.grad`` is
   never reassigned; everything accumulates in it, and the earlier micro-batches' part is divided by the clean weight
-  before the clean backward, so that one multiplication after it leaves ``earlier + clean_weight * clean``.
+  before the clean backward, so that one multiplication after it leaves ``earlier + clean_weight * clean``. When a
+  method reads the gradient (SAM, the one ``sharded_gradient`` method), the earlier part is copied aside and
+  ``.grad`` zeroed in place instead, so that ``.grad`` holds the clean gradient alone, which the method gets as
+  scratch; clearing the passes zeroes ``.grad`` in place, and the merge adds the earlier part back.
 """
 
 from __future__ import annotations
@@ -161,27 +164,46 @@ class InPlaceLedger(MovingLedger):
 
     in_place = True
 
+    def __init__(self, params: Sequence[torch.Tensor], clean_weight: float = 1.0, reads: bool = False) -> None:
+        super().__init__(params, clean_weight)
+        self.reads = reads
+        if reads:  # the earlier gradients copied aside (one copy, with accumulation only), .grad zeroed in place
+            self.earlier = GradientStash(self.params, in_place=True)
+
     def set_aside_earlier(self) -> None:
         """Divide the earlier gradients by the clean weight that :meth:`receive_clean` multiplies ``.grad`` by, so that
-        ``.grad`` ends as ``earlier + clean_weight * clean``, with no copy and no change of shape."""
+        ``.grad`` ends as ``earlier + clean_weight * clean``, with no copy and no change of shape; for a method that
+        reads the gradient, copy them aside instead (``.grad`` then holds the clean gradient alone)."""
+        if self.reads:
+            if any(p.grad is not None for p in self.params):
+                self.earlier.stash()
+            return
         _scale(self._grads(), 1.0 / self.clean_weight)
 
     def receive_clean(self, keep_in_grad: bool) -> None:
         _scale(self._grads(), self.clean_weight)
 
     def clean(self, params: Sequence[torch.Tensor], writable: bool, scratch: bool) -> Grads:
-        raise RuntimeError("the clean gradient is not available with gradients that are views (FSDP)")
+        if not self.reads:
+            raise RuntimeError("the clean gradient is not available with gradients that are views (FSDP)")
+        grads = [p.grad for p in params]
+        return [None if g is None else g.clone() for g in grads] if writable and not scratch else grads
 
     def clear_passes(self) -> None:
-        raise RuntimeError(
-            "AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)"
-        )
+        if not self.reads:
+            raise RuntimeError(
+                "AttackStep.zero_grad: not available with grads_are_views (the clean gradient cannot be moved aside)"
+            )
+        grads = [g for g in self._grads() if g is not None]
+        if grads:
+            torch._foreach_zero_(grads)
 
     def settle(self, replaces: bool) -> None:
         """The passes' gradients stay in ``.grad``."""
 
     def merge(self, replacing: bool) -> None:
-        self.merged = True  # everything already accumulates in .grad
+        self.merged = True  # everything already accumulates in .grad (the earlier part, if aside, added back here)
+        self.earlier.merge()
 
     def skipped(self, weight: float, backwards: int, name: str) -> None:
         if backwards == 0 and weight != 1.0:
@@ -194,11 +216,15 @@ class InPlaceLedger(MovingLedger):
 
     def close(self) -> None:
         self.merged = True
+        self.earlier.merge()
 
 
-def ledger_for(params: Sequence[torch.Tensor], clean_weight: float, in_place: bool) -> MovingLedger:
-    """The ledger of a micro-batch: in place for gradient views, moving otherwise."""
-    return (InPlaceLedger if in_place else MovingLedger)(params, clean_weight)
+def ledger_for(params: Sequence[torch.Tensor], clean_weight: float, in_place: bool, reads: bool = False) -> MovingLedger:
+    """The ledger of a micro-batch: in place for gradient views (``reads``: a method reads the gradient), moving
+    otherwise."""
+    if in_place:
+        return InPlaceLedger(params, clean_weight, reads=reads)
+    return MovingLedger(params, clean_weight)
 
 
 __all__ = ["InPlaceLedger", "MovingLedger", "ledger_for"]

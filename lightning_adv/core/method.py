@@ -100,7 +100,7 @@ class ParameterMethod(Method):
 
     def _perturb(self, snapshot: Snapshot, grads: List[Optional[torch.Tensor]], pass_index: int) -> torch.Tensor:
         regions = snapshot.regions(grads)
-        if not regions.index:
+        if not regions.index and not self.sharded_gradient:  # (a sharded method takes part in the sums all the same)
             return torch.ones((), dtype=torch.bool)
         with torch.no_grad():
             finite = self.perturb(snapshot, regions, pass_index)

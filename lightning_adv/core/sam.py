@@ -4,6 +4,8 @@ at weights moved up the clean gradient, whose gradient replaces the clean one. A
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -40,6 +42,7 @@ class SAM(ParameterMethod):
 
     name = "sam"
     combine = "replace"
+    sharded_gradient = True  # elementwise, and one norm over all parameters: it runs on FSDP's gradient shards
 
     def __init__(self, model: nn.Module, rho: float = 0.05, adaptive: bool = False) -> None:
         check_non_negative(type(self).__name__, rho=rho)
@@ -49,6 +52,7 @@ class SAM(ParameterMethod):
         super().__init__(model, named)
         self.rho, self.adaptive = float(rho), bool(adaptive)
         self._grad_scale = 1.0
+        self._norm: Callable[[torch.Tensor], torch.Tensor] = lambda local: local
 
     def enabled(self) -> bool:
         return self.rho != 0
@@ -57,21 +61,27 @@ class SAM(ParameterMethod):
         return ("ASAM: " if self.adaptive else "") + super().describe()
 
     def run(self, step: AttackStep) -> Outcome:
-        self._grad_scale = step.grad_scale
+        self._grad_scale, self._norm = step.grad_scale, step.norm_over_shards
         return self._passes(step, 1, writable=True)
 
     def perturb(self, snapshot: Snapshot, regions: Regions, pass_index: int) -> torch.Tensor:
         steps = regions.grads  # scratch: the pass discards them
         if self.adaptive:
             torch._foreach_mul_(steps, regions.weights)  # w * g: its norm is ASAM's
-        total = torch.linalg.vector_norm(norms(steps)) * self._grad_scale
+        local = torch.linalg.vector_norm(norms(steps)) if steps else torch.zeros((), device=self._device(snapshot))
+        total = self._norm(local) * self._grad_scale  # over every process's shard under FSDP
         finite = torch.isfinite(total)
         scale = torch.where(finite, self.rho * self._grad_scale / (total + 1e-12), 0.0)
         if self.adaptive:
             torch._foreach_mul_(steps, regions.weights)  # w^2 * g
         zero_nonfinite(steps, finite)  # inf * 0 would be nan: an unusable gradient leaves the weights as they are
-        torch._foreach_addcmul_(regions.weights, steps, [scale.to(steps[0].dtype)] * len(steps))  # w += scale * g, one pass
+        if steps:
+            torch._foreach_addcmul_(regions.weights, steps, [scale.to(steps[0].dtype)] * len(steps))  # w += scale * g
         return finite
+
+    @staticmethod
+    def _device(snapshot: Snapshot) -> torch.device:
+        return snapshot.params[0].device if snapshot.params else torch.device("cpu")
 
 
 __all__ = ["SAM"]

@@ -49,7 +49,7 @@ def check_composition(methods: Sequence[Contract], in_place: bool = False) -> No
     * Two methods of one class on a common module or parameter (two FreeLBs on one embedding under two names).
     * Whatever a method refuses itself (:meth:`~lightning_adv.core.contract.Contract.compose`).
     * With gradients that are views into a sharded buffer (``in_place``, FSDP): a method that reads the parameter
-      gradients, or more than one method after the backward.
+      gradients per parameter (all but the ``sharded_gradient`` ones), or more than one method after the backward.
     """
     names = [type(m).__name__ for m in methods]
     replacing = [n for n, m in zip(names, methods) if m.combine == "replace"]
@@ -77,7 +77,7 @@ def check_composition(methods: Sequence[Contract], in_place: bool = False) -> No
                     f"two {type(a).__name__} methods perturb the same module or parameters ({a.describe()}); they would "
                     "perturb it twice in one micro-batch. Keep one of them."
                 )
-    readers = [n for n, m in zip(names, methods) if m.reads_gradient]
+    readers = [n for n, m in zip(names, methods) if m.reads_gradient and not m.sharded_gradient]
     if in_place and readers:
         raise ValueError(
             f"{', '.join(readers)} perturb{'s' * (len(readers) == 1)} weights along the whole parameter gradient, "
@@ -117,6 +117,9 @@ class AttackStep:
             then kept in place (:class:`~lightning_adv.core.ledger.InPlaceLedger`), methods that read the parameter
             gradients are refused, at most one method may run after the backward, and the perturbed losses of
             ``"extend_loss"`` methods join the clean backward.
+        shard_sum: sums a tensor over the processes that hold the shards of the gradients (an all-reduce; FSDP with
+            several processes), for the sums over all parameters of the ``sharded_gradient`` methods
+            (:meth:`norm_over_shards`); None: every process holds whole gradients.
         grad_context: a context in which :meth:`input_gradient` differentiates outside of ``backward`` (Fabric's
             wrapped module refuses a backward through its outputs that ``fabric.backward`` did not start).
     """
@@ -131,6 +134,7 @@ class AttackStep:
         sync_last: bool = True,
         grad_scale: float = 1.0,
         grads_are_views: bool = False,
+        shard_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         grad_context: Optional[Callable[[], ContextManager[Any]]] = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
@@ -142,7 +146,9 @@ class AttackStep:
         self.sync_last = sync_last
         self.grad_scale = grad_scale
         self._grad_context = grad_context or contextlib.nullcontext
-        self.ledger = ledger_for(self.params, math.prod(float(m.clean_weight) for m in self.methods), grads_are_views)
+        self._shard_sum = shard_sum
+        self.ledger = ledger_for(self.params, math.prod(float(m.clean_weight) for m in self.methods), grads_are_views,
+                                 reads=any(m.reads_gradient for m in self.methods))
         after = [i for i, m in enumerate(self.methods) if m.combine != "extend_loss"]
         self._last = after[-1] if after else -1  # the method whose final pass merges and all-reduces
         self._keep_clean_in_grad = len(after) == 1  # no second gradient-sized buffer for a single method
@@ -227,6 +233,13 @@ class AttackStep:
         None (a skipped attack) falls back to it (a ``"replace"`` method gets the clean gradient itself as scratch
         when it lives in ``.grad``)."""
         return self.ledger.clean(params, writable, scratch=self.methods[self._current].combine == "replace")
+
+    def norm_over_shards(self, local: torch.Tensor) -> torch.Tensor:
+        """The L2 norm over every process's shard of the gradients, from ``local``, this process's part of it (0-d);
+        ``local`` itself when the gradients are whole. Every process must call it (a collective under FSDP)."""
+        if self._shard_sum is None:
+            return local
+        return self._shard_sum(local.square()).sqrt()
 
     def zero_grad(self) -> None:
         """Discard the gradients of the method's earlier passes (the clean gradient is moved aside, not lost)."""
