@@ -35,7 +35,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 from ddp_script import callbacks_for, module_for, parse  # noqa: E402
 from helpers import BatchSeeded, cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
 from lightning_adv import (  # noqa: E402
-    AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy,
+    AWPCallback, FGMCallback, FreeLBCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy,
     SAMCallback, SMARTCallback,
 )
 from test_usage import hf_batches  # noqa: E402
@@ -51,6 +51,7 @@ CONFIGS = [
     "neftune_k2:neftune:1:2:32-true:0:0",
     "sam_k2:sam:1:2:32-true:0:0",
     "asam_k1:asam:1:1:32-true:0:0",
+    "msam_k2:msam:1:2:32-true:0:0",
 ]
 # Manual optimization is left out: Lightning 2.6 runs training_step inside FSDP's forward, where FSDP refuses a
 # backward (plain manual_backward fails the same way: "Expects BACKWARD_PRE or BACKWARD_POST state").
@@ -217,7 +218,7 @@ def main(path: str, device: str) -> None:
         report[name] = {strategy: hf_fit(arch, method, int(accumulate), frozen == "1", device, strategy == "fsdp")
                         for strategy in ("single", "fsdp")}
     refused: Dict[str, str] = {"RobustAccuracy": robust_refused(device)}
-    for make in (FGMCallback, AWPCallback, PGDCallback, MomentumSAMCallback):
+    for make in (FGMCallback, AWPCallback, PGDCallback):
         try:
             strategy = FSDPStrategy() if device == "cuda" else cpu_fsdp_strategy()
             trainer(accelerator=device, devices=1, strategy=strategy, max_steps=1,

@@ -109,8 +109,8 @@ class MomentumSAMCallback(AdversarialCallback):
         3
     """
 
-    fsdp_refusal = ("it points the parameters at new, perturbed tensors while the clean pass runs, which FSDP's flat "
-                    "parameters (whose views the parameters are) do not allow; SAMCallback runs under FSDP")
+    supports_fsdp = True  # the weights moved in place and restored from a copy there (tests/test_fsdp.py)
+    supports_fsdp_accumulation = True  # reads no gradient: also with several processes
 
     def __init__(self, rho: NonNegativeFloat = 0.3, start_epoch: NonNegativeInt = 0, start_step: NonNegativeInt = 0) -> None:
         check_non_negative(type(self).__name__, rho=rho)

@@ -48,7 +48,8 @@ class MomentumSAM(Method):
     exactly after the clean backward, before ``optimizer.step`` (and on any exception), so a checkpoint never holds
     perturbed weights. No momentum yet (the first step): no perturbation, as in the source. The perturbed weights are
     new tensors the parameters point at while the clean pass runs: no copy of the weights is taken, their own tensors
-    are put back.
+    are put back. With gradients that are views (FSDP, whose parameters are views into its flat parameters) the weights
+    are moved in place instead and restored from a copy, the norm of the momentum summed over the shards.
 
     Composes with the methods that change the clean pass (R3F, SMART, NEFTune); with a method that runs passes after
     the backward it is refused: those passes would run at perturbed weights or not depending on the order.
@@ -86,6 +87,7 @@ class MomentumSAM(Method):
         """The norm of the last perturbation (``rho``, or 0 before the first momentum)."""
         self._moved: List[torch.Tensor] = []
         self._saved: List[torch.Tensor] = []
+        self._in_place = False  # FSDP: the weights moved in place, ``_saved`` their copies
 
     def enabled(self) -> bool:
         return self.rho != 0
@@ -113,21 +115,34 @@ class MomentumSAM(Method):
                 if buf is not None and p.requires_grad:
                     params.append(p)
                     buffers.append(buf)
-        if not params:
+        if not params and not step.grads_are_views:
             self.last_shift = torch.zeros(())
             return
         with torch.no_grad():
-            total = torch.linalg.vector_norm(norms(buffers))
+            local = torch.linalg.vector_norm(norms(buffers)) if buffers else torch.zeros((), device=self._device())
+            total = step.norm_over_shards(local)  # FSDP: the momentum is sharded as the parameters are
             scale = -self.rho / (total + 1e-12)
+            self.last_shift = self.rho * total / (total + 1e-12)
+            if step.grads_are_views:
+                # FSDP: the parameters are views into its flat parameters, which only change in place: moved in place,
+                # a copy of the weights saved, copied back after the backward (exact)
+                weights = [p.detach() for p in params]
+                self._moved, self._saved = params, [w.clone() for w in weights]
+                if weights:
+                    torch._foreach_addcmul_(weights, buffers, [scale.to(buffers[0].dtype)] * len(weights))
+                self._in_place = True
+                return
             # w - rho * m / ||m|| in one pass over the weights and the momentum (new tensors, beside the saved weights);
             # the scale stays a tensor: no host-device synchronisation
             moved = torch._foreach_addcmul([p.detach() for p in params], buffers, [scale.to(buffers[0].dtype)] * len(params))
-            self.last_shift = self.rho * total / (total + 1e-12)
         # the parameters point at the perturbed weights; their own tensors are kept and put back as they are: an exact
         # restore without a copy of the weights (the forward and the backward run between the two swaps)
         self._moved, self._saved = params, [p.data for p in params]
         for p, w in zip(params, moved):
             p.data = w if w.dtype == p.dtype else w.to(p.dtype)
+
+    def _device(self) -> torch.device:
+        return next((p.device for group in self.optimizer.param_groups for p in group["params"]), torch.device("cpu"))
 
     def run(self, step: AttackStep) -> Outcome:
         self._restore()
@@ -138,6 +153,12 @@ class MomentumSAM(Method):
 
     def _restore(self) -> None:
         params, saved, self._moved, self._saved = self._moved, self._saved, [], []
+        if self._in_place:
+            self._in_place = False
+            if params:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.detach() for p in params], saved)
+            return
         for p, w in zip(params, saved):
             p.data = w
 

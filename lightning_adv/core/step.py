@@ -234,6 +234,11 @@ class AttackStep:
         when it lives in ``.grad``)."""
         return self.ledger.clean(params, writable, scratch=self.methods[self._current].combine == "replace")
 
+    @property
+    def grads_are_views(self) -> bool:
+        """Whether ``.grad`` (and the parameters) are views into buffers owned elsewhere (FSDP): change them in place only."""
+        return self.ledger.in_place
+
     def norm_over_shards(self, local: torch.Tensor) -> torch.Tensor:
         """The L2 norm over every process's shard of the gradients, from ``local``, this process's part of it (0-d);
         ``local`` itself when the gradients are whole. Every process must call it (a collective under FSDP)."""
