@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E
 from helpers import BatchSeeded, LogitsText, ManualText, TextModule, cpu_fsdp_strategy, end_distributed, make_data, trainer  # noqa: E402
 from lightning_adv import (  # noqa: E402
     AWPCallback, FGMCallback, FreeLBCallback, MomentumSAMCallback, NEFTuneCallback, PGDCallback, R3FCallback, SAMCallback,
-    SMARTCallback,
+    SMARTCallback, VATCallback,
 )
 from lightning_adv.callbacks.compat import is_fsdp  # noqa: E402
 
@@ -104,6 +104,8 @@ def callbacks_for(cfg: dict) -> list:
         return [SAMCallback(rho=0.5 if cfg["method"] == "asam" else 0.1, adaptive=cfg["method"] == "asam")]
     if cfg["method"] == "neftune":  # the noise seeded by the batch, as R3F's
         return [NEFTuneCallback(noise_alpha=5.0, embedding="model.embeddings.word_embeddings"), BatchSeeded()]
+    if cfg["method"] == "vat":  # the noise seeded by the batch, as SMART's
+        return [VATCallback(adv_alpha=2.0, embedding="model.embeddings.word_embeddings"), BatchSeeded()]
     if cfg["method"] == "msam":
         return [MomentumSAMCallback(rho=0.1)]
     if cfg["method"] == "smart":
@@ -114,7 +116,7 @@ def callbacks_for(cfg: dict) -> list:
 def module_for(cfg: dict, dtype: torch.dtype, accumulate: int = 1) -> L.LightningModule:
     if cfg["manual"]:
         return ManualText(accumulate=accumulate, dtype=dtype)
-    return LogitsText(dtype=dtype) if cfg["method"] in ("r3f", "smart") else TextModule(dtype=dtype)
+    return LogitsText(dtype=dtype) if cfg["method"] in ("r3f", "smart", "vat") else TextModule(dtype=dtype)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from ddp_script import callbacks_for, module_for, parse  # noqa: E402
 from helpers import BatchSeeded, cpu_fsdp_strategy, end_distributed, loader, make_data, trainer  # noqa: E402
 from lightning_adv import (  # noqa: E402
     AWPCallback, FGMCallback, FreeLBCallback, NEFTuneCallback, PGDCallback, R3FCallback, RobustAccuracy,
-    SAMCallback, SMARTCallback,
+    RDropCallback, SAMCallback, SMARTCallback, VATCallback,
 )
 from test_usage import hf_batches  # noqa: E402
 
@@ -67,6 +67,13 @@ def _bert() -> Any:
         attention_probs_dropout_prob=0.0))
 
 
+def _bert_dropout() -> Any:  # R-Drop needs dropout: the masks drawn alike under both strategies (one device)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1))
+
+
 def _gpt2() -> Any:
     return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
         vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=2, pad_token_id=0,
@@ -82,6 +89,7 @@ def _llama() -> Any:
 #: architecture -> (build, the layer class FSDP wraps as a unit of its own)
 ARCHS = {
     "bert": (_bert, "transformers.models.bert.modeling_bert.BertLayer"),
+    "bert_dropout": (_bert_dropout, "transformers.models.bert.modeling_bert.BertLayer"),
     "gpt2": (_gpt2, "transformers.models.gpt2.modeling_gpt2.GPT2Block"),
     "llama": (_llama, "transformers.models.llama.modeling_llama.LlamaDecoderLayer"),
 }
@@ -119,6 +127,10 @@ def hf_callbacks(method: str) -> List[Any]:
         return [SMARTCallback(adv_alpha=2.0, step_size=0.5, noise_var=0.1), BatchSeeded()]
     if method == "neftune":
         return [NEFTuneCallback(noise_alpha=5.0), BatchSeeded()]
+    if method == "rdrop":
+        return [RDropCallback(alpha=1.0)]
+    if method == "vat":
+        return [VATCallback(adv_alpha=2.0), BatchSeeded()]
     if method in ("sam", "asam"):
         return [SAMCallback(rho=0.5 if method == "asam" else 0.05, adaptive=method == "asam")]
     return []
@@ -129,11 +141,12 @@ def layer_fsdp(device: str, arch: str = "bert", **kwargs: Any) -> Any:
     return FSDPStrategy(auto_wrap_policy=wrap, **kwargs) if device == "cuda" else cpu_fsdp_strategy(auto_wrap_policy=wrap, **kwargs)
 
 
-def hf_fit(arch: str, method: str, accumulate: int, frozen: bool, device: str, fsdp: bool) -> Dict[str, Any]:
+def hf_fit(arch: str, method: str, accumulate: int, frozen: bool, device: str, fsdp: bool,
+           precision: str = "32-true") -> Dict[str, Any]:
     module, cbs = TinyTransformer(arch, frozen), hf_callbacks(method)
     embedding = module.model.get_input_embeddings().weight.detach().clone()
     trainer(accelerator=device, devices=1, deterministic=device == "cpu", strategy=layer_fsdp(device, arch) if fsdp else "auto",
-            max_epochs=1, accumulate_grad_batches=accumulate, callbacks=cbs,
+            max_epochs=1, accumulate_grad_batches=accumulate, callbacks=cbs, precision=precision,
             use_distributed_sampler=False).fit(module, hf_batches("cls", 0, n=16))
     moved = float((module.model.get_input_embeddings().weight.detach().cpu() - embedding.cpu()).abs().max())
     return dict(weights=weights(module), attacks=[cb.attacks for cb in cbs if hasattr(cb, "attacks")], embedding_moved=moved)
@@ -145,6 +158,8 @@ HF_CONFIGS = [
     "gpt2_freelb_frozen:gpt2:freelb:2:1", "llama_r3f_frozen:llama:r3f:2:1", "llama_smart:llama:smart:2:0",
     "llama_neftune_frozen:llama:neftune:2:1", "bert_neftune_k2:bert:neftune:2:0",
     "bert_sam_k2:bert:sam:2:0", "llama_asam_frozen:llama:asam:2:1",
+    "bertdrop_none_k2:bert_dropout:none:2:0", "bertdrop_rdrop_k2:bert_dropout:rdrop:2:0", "bert_vat_k2:bert:vat:2:0",
+    "llama_vat_frozen:llama:vat:2:1",
 ]
 
 
@@ -217,6 +232,9 @@ def main(path: str, device: str) -> None:
         name, arch, method, accumulate, frozen = config.split(":")
         report[name] = {strategy: hf_fit(arch, method, int(accumulate), frozen == "1", device, strategy == "fsdp")
                         for strategy in ("single", "fsdp")}
+    # R-Drop in bf16 under FSDP (its dropout needs a model with dropout: the layer-wrapped BERT with dropout)
+    report["bf16_bertdrop_rdrop_k2"] = {"fp32": report["bertdrop_rdrop_k2"]["single"],
+                                        "fsdp": hf_fit("bert_dropout", "rdrop", 2, False, device, True, "bf16-mixed")}
     refused: Dict[str, str] = {"RobustAccuracy": robust_refused(device)}
     for make in (FGMCallback, AWPCallback, PGDCallback):
         try:

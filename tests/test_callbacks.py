@@ -162,12 +162,19 @@ def test_fsdp_refused_for_weight_space_methods_with_the_reason(make):
         make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
 
 
-@pytest.mark.parametrize("make", [RDropCallback, VATCallback])
-def test_fsdp_refused_for_rdrop_and_vat_as_untested(make):
+def test_fsdp_rdrop_runs_as_r3f_and_vat_as_smart():
+    """R-Drop joins the clean backward as R3F does; VAT's ascent is SMART's: the same FSDP rules (tests/test_fsdp.py)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    with pytest.raises(ValueError, match=r"does not support FSDPStrategy: it is not tested under FSDP yet"):
-        make().setup(_fake_trainer_of(FSDPStrategy()), TextModule(), "fit")
+    RDropCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=2), TextModule(), "fit")
+    VATCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2), TextModule(), "fit")
+    VATCallback().setup(_fake_trainer_of(FSDPStrategy(), accumulate=2), TextModule(), "fit")
+    with pytest.raises(ValueError, match=r"VATCallback under FSDPStrategy with several processes \(world_size=2\) needs"):
+        VATCallback().setup(_fake_trainer_of(FSDPStrategy(), world_size=2, accumulate=2), TextModule(), "fit")
+    bf16 = _fake_trainer_of(FSDPStrategy())
+    bf16.precision = "bf16-mixed"
+    with pytest.raises(ValueError, match=r"VATCallback under FSDPStrategy needs precision='32-true'"):
+        VATCallback().setup(bf16, TextModule(), "fit")
 
 
 def test_fsdp_with_several_processes_and_accumulation_refused_for_smart():

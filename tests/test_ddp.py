@@ -43,6 +43,7 @@ CONFIGS = [
     "msam_k1:msam:1:1:64-true:0:0",
     "msam_k2_unused:msam:1:2:64-true:1:0",
     "neftune_k2:neftune:1:2:64-true:0:0",
+    "vat_k2:vat:1:2:64-true:0:0",
 ]
 
 

@@ -60,8 +60,9 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
         assert float((single - fsdp).abs().max()) < tol, name
         if method != "none":
             assert report[name]["fsdp"]["attacks"] == report[name]["single"]["attacks"] == [4], name
-        if method != "none" and arch == "bert":  # the attack changes training (the same schedule as bert_none_k2)
-            assert float((fsdp - bert_plain).abs().max()) > 1e-4, name
+        if method != "none" and arch.startswith("bert"):  # the attack changes training (the same schedule, no attack)
+            plain_of = bert_plain if arch == "bert" else torch.tensor(report["bertdrop_none_k2"]["single"]["weights"])
+            assert float((fsdp - plain_of).abs().max()) > 1e-4, name
         if frozen == "1":  # a frozen embedding stays as it was, under FSDP too
             assert report[name]["fsdp"]["embedding_moved"] == report[name]["single"]["embedding_moved"] == 0.0, name
         else:
@@ -79,6 +80,9 @@ def check_one_device_report(report: Dict[str, Any], tol: float) -> None:
         assert float((fp32 - fsdp).abs().max()) > 0, name  # bf16 parameters really are used
         if name != "none_k2":
             assert report["bf16_" + name]["fsdp"]["attacks"] == [16], name
+    fp32, fsdp = (torch.tensor(report["bf16_bertdrop_rdrop_k2"][k]["weights"]) for k in ("fp32", "fsdp"))
+    assert bool(torch.isfinite(fsdp).all()) and 0 < float((fp32 - fsdp).abs().max()) < 1e-2  # measured 1.3e-4 (CPU)
+    assert report["bf16_bertdrop_rdrop_k2"]["fsdp"]["attacks"] == [4]
     refused = report["refused"]
     for name in ("FGMCallback", "AWPCallback", "PGDCallback"):
         assert refused[name].startswith(f"{name} does not support FSDPStrategy: it perturbs weights"), refused[name]
@@ -97,7 +101,7 @@ def test_one_device_fsdp_equals_the_default_strategy(tmp_path: Any) -> None:
 def test_two_fsdp_processes_equal_one_process(tmp_path: Any, strategy: str) -> None:
     configs = ["none:none:1:1:32-true:0:0", "freelb2_k1:freelb:2:1:32-true:0:0", "freelb2_k2:freelb:2:2:32-true:0:0",
                "r3f_k2:r3f:1:2:32-true:0:0", "smart_k1:smart:1:1:32-true:0:0", "neftune_k1:neftune:1:1:32-true:0:0",
-               "msam_k1:msam:1:1:32-true:0:0", "msam_k2:msam:1:2:32-true:0:0"]
+               "msam_k1:msam:1:1:32-true:0:0", "msam_k2:msam:1:2:32-true:0:0", "vat_k1:vat:1:1:32-true:0:0"]
     _launch(tmp_path, strategy, configs)
     for cfg in configs:
         name, method = cfg.split(":")[:2]

@@ -49,7 +49,8 @@ class RDropCallback(AdversarialCallback):
         2
     """
 
-    fsdp_refusal = "it is not tested under FSDP yet"
+    supports_fsdp = True  # tests/test_fsdp.py
+    supports_fsdp_accumulation = True  # its second forward joins the clean backward, as R3F's (tested with 2 processes)
 
     def __init__(
         self,

@@ -55,7 +55,9 @@ class VATCallback(AdversarialCallback):
         2
     """
 
-    fsdp_refusal = "it is not tested under FSDP yet"
+    supports_fsdp = True  # tests/test_fsdp.py
+    #: its ascent takes a backward of its own before the clean one (SMART's): FSDP frees its low-precision parameters
+    supports_fsdp_mixed_precision = False
 
     def __init__(
         self,
