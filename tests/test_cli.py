@@ -204,6 +204,7 @@ def test_unknown_callback_class_is_a_parse_error(capsys: Any) -> None:
         ("lightning_adv.R3FCallback", {"eps": "noise magnitude", "r3f_lambda": "weight of the regulariser"}),
         ("lightning_adv.RDropCallback", {"alpha": "weight of the symmetric KL", "reduction": "batchmean"}),
         ("lightning_adv.VATCallback", {"adv_step_size": "ascent step size", "noise_var": "standard deviation of the initial"}),
+        ("lightning_adv.NEFTuneCallback", {"noise_alpha": "", "length": ""}),
     ],
 )
 def test_callback_help_shows_each_argument_doc(name: str, docs: dict, capsys: Any) -> None:
@@ -236,6 +237,10 @@ RANGE_ERRORS = [
     ("RDropCallback", "reduction", "mean", "batchmean"),
     ("VATCallback", "noise_gamma", "-1e-6", ">= 0"),
     ("VATCallback", "norm_type", "fro", "l2"),
+    ("VATCallback", "adv_alpha", "-1", ">= 0"),
+    ("NEFTuneCallback", "noise_alpha", "-5", ">= 0"),
+    ("NEFTuneCallback", "length", "words", "padded"),
+    ("NEFTuneCallback", "seed", "-1", "integer >= 0"),
     ("SMARTCallback", "adv_alpha", "-1", ">= 0"),
     ("SMARTCallback", "steps", "0", "integer >= 1"),
     ("SMARTCallback", "norm", "fro", "inf"),

@@ -12,7 +12,7 @@ from lightning_adv.core.neftune import NEFTune
 
 
 class NEFTuneCallback(AdversarialCallback):
-    """NEFTune: uniform noise ``U(-m, m)``, ``m = noise_alpha / sqrt(L * d)``, on the input-embedding output of every
+    """NEFTune: uniform noise U(-m, m), m = noise_alpha / sqrt(L * d), on the input-embedding output of every
     training forward (:class:`~lightning_adv.core.NEFTune`, after transformers' ``neftune_post_forward_hook``, which
     TRL inherits); no extra pass. ``length="padded"`` (the source's): ``L`` is the padded length; ``"tokens"``: each
     example's number of real tokens, padding left without noise (the source's open bug, transformers issue 34659),
