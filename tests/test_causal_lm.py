@@ -311,3 +311,54 @@ def test_neftune_tokens_length_per_packed_example(packed):
     assert torch.allclose(noise, expected, rtol=0, atol=1e-12)
     assert method.position_ids is None and not method._pre_hooks  # nothing left on the model
     assert all(not m._forward_pre_hooks for m in model.modules() if hasattr(m, "get_input_embeddings"))
+
+
+# -- R-Drop per token: the source's pad_mask ----------------------------------------------------------------------------
+
+
+def build_with_dropout(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, pad_token_id=PAD,
+                                         resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                          pad_token_id=PAD, attention_dropout=0.3)
+        model = transformers.LlamaForCausalLM(config)
+    return model.double().train()
+
+
+def reference_rdrop(model, ids, attention, labels, alpha, seed):
+    """dropreg/R-Drop on a causal LM: two forwards (the same dropout stream as ours), ``0.5 * (loss1 + loss2) + alpha *
+    compute_kl_loss(logits1, logits2, pad_mask)``, pad_mask True where the shifted label is -100 (and the last position),
+    written by hand here."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out1 = model(input_ids=ids, attention_mask=attention, labels=labels)
+    out2 = model(input_ids=ids, attention_mask=attention, labels=labels)
+    pad_mask = torch.ones(labels.shape, dtype=torch.bool)
+    pad_mask[:, :-1] = labels[:, 1:] == -100
+    pad_mask = pad_mask.unsqueeze(-1)
+    p_loss = F.kl_div(F.log_softmax(out1.logits, dim=-1), F.softmax(out2.logits, dim=-1), reduction="none")
+    q_loss = F.kl_div(F.log_softmax(out2.logits, dim=-1), F.softmax(out1.logits, dim=-1), reduction="none")
+    unmasked = (p_loss.sum() + q_loss.sum()) / 2
+    kl = (p_loss.masked_fill(pad_mask, 0.0).sum() + q_loss.masked_fill(pad_mask, 0.0).sum()) / 2
+    (0.5 * (out1.loss + out2.loss) + alpha * kl).backward()
+    return kl.detach(), unmasked.detach(), grads(model)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rdrop_per_token_equals_reference_in_float64(arch, side):
+    from lightning_adv.core import RDrop
+
+    model = build_with_dropout(arch)
+    ids, attention, labels = make_batch(side)
+    torch.manual_seed(5)
+    outcome, got = ours(model, RDrop(model, alpha=0.8), ids, attention, labels)
+    kl, unmasked, want = reference_rdrop(model, ids, attention, labels, 0.8, seed=5)
+    assert float(kl) > 1e-6 and float(unmasked - kl) > 1e-6  # dropout on, and the masked positions would count
+    assert torch.allclose(outcome.loss, kl, rtol=0, atol=1e-12)
+    assert_same_grads(got, want)

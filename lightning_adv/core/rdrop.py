@@ -11,20 +11,24 @@ from torch.nn import functional as F
 
 from lightning_adv.core.checks import check_choice, check_non_negative
 from lightning_adv.core.method import Method
-from lightning_adv.core.smoothness import wide
+from lightning_adv.core.smoothness import token_mask, wide
 from lightning_adv.core.step import AttackStep, Outcome, PassOutput
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def rdrop_kl(p: torch.Tensor, q: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def rdrop_kl(p: torch.Tensor, q: torch.Tensor, reduction: str = "sum", pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """R-Drop's ``compute_kl_loss``: ``(KL(q || p) + KL(p || q)) / 2`` between the softmax of two logits, with
     gradients through both, summed over every element (``"sum"``, the source's) or then divided by the batch size
-    (``"batchmean"``), in float32 (or wider)."""
+    (``"batchmean"``), in float32 (or wider). ``pad_mask`` (the source's, for sequence tasks): True at the positions
+    ``[B, T]`` of token logits ``[B, T, V]`` left out of the sum."""
     t = wide(p.dtype)
-    p_loss = F.kl_div(F.log_softmax(p, dim=-1, dtype=t), F.softmax(q, dim=-1, dtype=t), reduction="sum")
-    q_loss = F.kl_div(F.log_softmax(q, dim=-1, dtype=t), F.softmax(p, dim=-1, dtype=t), reduction="sum")
-    loss = (p_loss + q_loss) / 2
+    p_loss = F.kl_div(F.log_softmax(p, dim=-1, dtype=t), F.softmax(q, dim=-1, dtype=t), reduction="none")
+    q_loss = F.kl_div(F.log_softmax(q, dim=-1, dtype=t), F.softmax(p, dim=-1, dtype=t), reduction="none")
+    if pad_mask is not None:
+        p_loss = p_loss.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        q_loss = q_loss.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+    loss = (p_loss.sum() + q_loss.sum()) / 2
     return loss / p.size(0) if reduction == "batchmean" else loss
 
 
@@ -34,6 +38,9 @@ class RDrop(Method):
     ``loss_1, p_1`` are the clean pass's (the loop's own forward, not repeated), ``loss_2, p_2`` those of one more
     forward of the same batch, which draws another dropout mask (dropreg/R-Drop ``compute_kl_loss``: ``reduction="sum"``
     sums the KL over every example and class, as the source does; ``"batchmean"`` divides it by the batch size).
+    Causal LM: when the step returns ``{"loss", "logits", "labels"}`` with token logits ``[B, T, V]``, the KL is summed
+    over the labelled positions only (the source's ``pad_mask``: position ``t`` counts when ``labels[:, t + 1] != -100``,
+    as transformers shifts; padding and prompt left out).
     The gradient equals that of the source's loss: the clean loss's gradient is halved in the clean backward (a
     hook on the clean loss), the KL is differentiated on detached copies of the two logits, and the second pass's
     ``0.5 * loss_2`` plus its part of the KL is backpropagated through the second forward. The user's loss is averaged
@@ -123,8 +130,10 @@ class RDrop(Method):
             raise ValueError("RDrop needs the logits of every pass: return {'loss': loss, 'logits': logits}.")
         z1 = clean.logits.detach().to(wide(clean.logits.dtype)).requires_grad_()
         z2 = second.logits.detach().to(z1.dtype).reshape(z1.shape).requires_grad_()
+        keep_tokens = token_mask(z1, clean.labels)  # a causal LM: the KL over the labelled positions
+        pad_mask = None if keep_tokens is None else ~keep_tokens
         with torch.enable_grad():
-            value = rdrop_kl(z1, z2, self.reduction)
+            value = rdrop_kl(z1, z2, self.reduction, pad_mask)
             g1, g2 = torch.autograd.grad(self.weight * value, [z1, z2])
         finite = torch.isfinite(g1).all() & torch.isfinite(g2).all()
         keep = finite.to(z1.dtype)  # a non-finite KL gradient adds no KL (counted as skipped), without a sync
