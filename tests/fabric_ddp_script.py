@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from helpers import TinyText, end_distributed, make_data  # noqa: E402
-from lightning_adv import AWP, FGM, PGD, R3F, FreeLB  # noqa: E402
+from lightning_adv import AWP, FGM, PGD, R3F, SAM, VAT, FreeLB  # noqa: E402
 
 WORLD, BATCH, EPOCHS, LR = 2, 2, 2, 0.05
 
@@ -54,6 +54,11 @@ def build_methods(spec: str, model: nn.Module, freelb_init: float = 0.0, unwrap_
         elif name == "r3f":  # extends the clean loss: the clean backward is the last one, DDP's reducer armed by the engine
             methods.append(R3F(model, eps=0.05, r3f_lambda=1.0, embedding="embeddings.word_embeddings",
                                generator=torch.Generator().manual_seed(100 + rank)))
+        elif name == "vat":  # VAT's noise from a generator of its own, as R3F's
+            methods.append(VAT(model, adv_alpha=2.0, adv_step_size=0.5, noise_var=0.1, embedding="embeddings.word_embeddings",
+                               generator=torch.Generator().manual_seed(200 + rank)))
+        elif name == "sam":
+            methods.append(SAM(model, rho=0.2))
         else:
             raise ValueError(name)
     return methods

@@ -59,7 +59,7 @@ def fabric_fit(spec, *, k=2, precision="64-true", dtype=torch.float64, on_module
         for i, (ids, y) in enumerate(micro_batches(n)):
             stepping = (i + 1) % k == 0
             with fabric.no_backward_sync(model, enabled=not stepping):
-                loss, out = adversarial_backward(fabric, model, methods, lambda: nn.functional.cross_entropy(model(ids), y) / k)
+                loss, out = adversarial_backward(fabric, model, methods, lambda: loss_of(model, ids, y, k, methods))
             losses.append(loss)
             outcomes.append(out)
             if stepping:
@@ -81,7 +81,8 @@ def plain_fit(spec, *, k=2, dtype=torch.float64, autocast=None, freelb_init=0.1,
                 ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
                 with ctx:
                     logits = net(ids)
-                return nn.functional.cross_entropy(logits.float() if autocast or float_logits else logits, y) / k
+                loss = nn.functional.cross_entropy(logits.float() if autocast or float_logits else logits, y) / k
+                return {"loss": loss, "logits": logits} if any(m.needs_logits for m in methods) else loss
 
             plain_adversarial_backward(net, methods, loss_fn)
             if (i + 1) % k == 0:
@@ -95,7 +96,7 @@ def diff(a: nn.Module, b: nn.Module) -> float:
 
 
 # -- float64: the Fabric loop is the plain loop ------------------------------------------------------------------
-@pytest.mark.parametrize("spec", ["fgm", "awp", "pgd", "freelb", "fgm+awp", "none"])
+@pytest.mark.parametrize("spec", ["fgm", "awp", "pgd", "freelb", "fgm+awp", "vat", "sam", "sam+fgm", "none"])
 def test_float64_fabric_equals_plain_loop(float64_default, spec):
     net, losses, outcomes = fabric_fit(spec)
     expected = plain_fit(spec)
