@@ -88,7 +88,7 @@ def test_quick_benchmark_load_report(quick_run):
 def test_quick_benchmark_counts_the_passes(quick_run):
     """Load-free: every method runs exactly its number of passes beyond the clean one, in the loop and under
     Lightning, and its matrix-multiply work stays within its limit (SMART's ascent pass stops at the embedding
-    output: less than a full backward)."""
+    output: less than a full backward; PGD's inner passes compute no weight gradient but the embedding's)."""
     _, results = quick_run
     res = results["models"][0]
     counts, flops = res["counts"], res["X_flops"]
@@ -98,7 +98,10 @@ def test_quick_benchmark_counts_the_passes(quick_run):
         for variant in (f"ours_{method}", f"L_{method}"):
             assert counts[variant]["forwards"] - 1 == limit, (variant, counts[variant])
             assert counts[variant]["backwards"] - 1 == limit, (variant, counts[variant])
-            assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
+            if method == "pgd":  # its inner passes compute the embedding's gradient alone: no weight gradients elsewhere
+                assert 1 + 0.6 * (limit - 1) <= flops[variant] <= limit - 0.4, (variant, flops[variant])  # 2.41 measured
+            else:
+                assert limit - 0.35 <= flops[variant] <= limit + 0.01, (variant, flops[variant])
             assert counts[variant]["py_calls"] > 0  # the engine ran
     for method in ("fgm", "awp", "pgd", "freelb", "rdrop", "sam", "msam", "neftune"):  # full backward passes: to the word-embedding weight
         assert counts[f"ours_{method}"]["weight_backwards"] == 1 + float(LIMITS[method])

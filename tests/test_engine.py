@@ -65,7 +65,35 @@ def test_weights_restored_and_hooks_removed_when_a_pass_raises(make):
     with pytest.raises(KeyError, match="boom"):
         adversarial_backward(model, [make(model)], loss_fn)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.requires_grad for p in model.parameters())  # PGD's and AWP's inner pass froze the others: thawed
     assert not model.embeddings.word_embeddings._forward_hooks
+
+
+@pytest.mark.parametrize("make", [lambda m: PGD(m, steps=3), lambda m: AWP(m, adv_param="word", adv_step=3)])
+def test_inner_passes_compute_only_the_perturbed_gradients_and_change_no_bit(make, monkeypatch):
+    """PGD's (and AWP's) inner passes: only the perturbed parameters get a gradient (the others' weight gradients,
+    a third of a forward+backward, are skipped), and the step's gradients are bit for bit those of full backward
+    passes."""
+    import contextlib
+
+    from lightning_adv.core.step import AttackStep
+
+    def run(full):
+        torch.manual_seed(0)
+        model = TinyText()
+        ids, y = _batch()
+        weight_grads = []
+        model.head.weight.register_hook(lambda g: weight_grads.append(1))
+        if full:
+            monkeypatch.setattr(AttackStep, "gradients_only_for", lambda self, params: contextlib.nullcontext())
+        adversarial_backward(model, [make(model)], lambda: F.cross_entropy(model(ids), y))
+        monkeypatch.undo()
+        assert all(p.requires_grad for p in model.parameters())
+        return [p.grad.clone() for p in model.parameters()], len(weight_grads)
+
+    (lean, lean_calls), (full, full_calls) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(lean, full))
+    assert (lean_calls, full_calls) == (2, 4)  # the clean and the last pass, against every pass
 
 
 def test_fit_start_names_what_each_callback_attacks_and_progress_bar_shows_the_loss(caplog):

@@ -152,8 +152,15 @@ class ParameterMethod(Method):
                     finite = finite_t
                 grads = []  # no reference kept: a scratch clean gradient (AWP) is freed by zero_grad
                 step.zero_grad()
-                out = step.forward(final=t == num_passes - 1)
-                step.backward(out.loss)
+                if t == num_passes - 1:
+                    out = step.forward(final=True)
+                    step.backward(out.loss)
+                    break
+                # an inner pass: its gradient only directs the next perturbation, so only the perturbed parameters get one
+                with step.gradients_only_for(params):
+                    out = step.forward()
+                    if out.loss.requires_grad:  # (not when the perturbed parameters do not reach the loss)
+                        step.backward(out.loss)
                 grads = [p.grad for p in params]
         assert out is not None
         return Outcome(out.loss.detach(), ~finite)

@@ -21,7 +21,9 @@ class PGD(ParameterMethod):
     Each pass moves every matched parameter by ``alpha * g / ||g||_F`` (``g``: the clean gradient for the
     first pass, then the gradient of the previous pass; no move where the norm is 0) and projects ``W - W0``
     onto the Frobenius ball of radius ``epsilon``. The gradients of all passes but the last are discarded;
-    the last one is added to the clean gradient. Cost: ``steps`` forward and backward passes.
+    the last one is added to the clean gradient. Cost: ``steps`` forward and backward passes, of which the
+    ``steps - 1`` inner ones compute the gradient of the perturbed parameters alone (no weight gradient elsewhere:
+    about two thirds of a forward+backward each; the gradients are the same to the bit).
 
     Args:
         model: the model; every trainable parameter whose name contains ``emb_name`` is perturbed.
