@@ -1049,6 +1049,31 @@ def text_attack_cells(rs: List[Dict[str, Any]], single: bool = False) -> List[st
     return [pm([d[k] for d in done], scale, 1 if scale == 1.0 else 2) if done else "–" for k, _, scale in TEXT_COLS]
 
 
+def text_attack_differences(methods: List[str], final: Dict[str, List[Dict[str, Any]]], measured: List[Dict[str, Any]],
+                            base: Dict[int, Dict[str, Any]]) -> List[str]:
+    """Method minus no attack under DeepWordBug, paired by seed, with the report's 2-SD rule (methods with at least
+    two seeds measured beside the baseline's)."""
+    cols = [("clean_acc", "clean acc (500)"), ("attack_acc", "acc under attack"), ("attack_success_rate", "success rate")]
+    rows = []
+    for m in methods[1:]:
+        rs = [r for r in final[m] if r in measured and base.get(r["seed"]) in measured]
+        if len(rs) < 2:
+            continue
+        cells = []
+        for k, _ in cols:
+            d = [100 * (r["text_attack"]["summary"][k] - base[r["seed"]]["text_attack"]["summary"][k]) for r in rs]
+            mu, sd = mean_std(d)
+            v = ("↑" if mu > 0 else "↓") if abs(mu) >= 2 * sd and mu != 0 else "≈"
+            cells.append(f"{mu:+.2f} ± {sd:.2f} {v}")
+        rows.append(f"| {LABELS[m]} | {len(rs)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["Paired by seed (method minus no attack, same seed and the same 500 sentences), in points, with the 2-SD "
+            "rule of *Differences with the baseline* (↑ / ↓ / ≈):", "",
+            "| method − no attack | paired seeds | " + " | ".join(label for _, label in cols) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |", *rows, ""]
+
+
 def text_attack_section(args: argparse.Namespace, methods: List[str], final: Dict[str, List[Dict[str, Any]]],
                         runs: List[Dict[str, Any]], base: Dict[int, Dict[str, Any]]) -> List[str]:
     """DeepWordBug: per method (the runs measured so far), and which runs still need it."""
@@ -1079,6 +1104,7 @@ def text_attack_section(args: argparse.Namespace, methods: List[str], final: Dic
         seeds = ", ".join(str(r["seed"]) for r in rs) or "none yet"
         L_.append(f"| {LABELS[m]} | {seeds} | " + " | ".join(text_attack_cells(rs)) + " |")
     L_.append("")
+    L_ += text_attack_differences(methods, final, measured, base)
     if measured:
         L_ += ["Per run:", "", "| run | " + " | ".join(label for _, label, _ in TEXT_COLS) + " | eval (min) | measured |",
                "| --- | " + " | ".join("---:" for _ in TEXT_COLS) + " | ---: | --- |"]
@@ -1097,7 +1123,12 @@ def text_attack_section(args: argparse.Namespace, methods: List[str], final: Dic
             L_.append(f"`{r['name']}` was trained again on {again.get('finished', '?')} to save its checkpoint (`--rerun`; "
                       f"{again.get('hardware', '?')}): its {len(accs)} clean and robust accuracies on dev and test "
                       + ("equal those of its first training" if d_acc == 0 else f"differ from its first training by up to {100 * d_acc:.2f} points")
-                      + f", its losses by at most {d_loss:.1e} (float rounding); its timings in the tables are the first training's.")
+                      + f", its losses by at most {d_loss:.1e} "
+                      + ("(float rounding)" if d_acc == 0 else
+                         f"(another trajectory, not rounding: the method's code changed between the two trainings, the first "
+                         f"finished {prev.get('finished', '?')}; every table shows the second training, whose weights were "
+                         "attacked)")
+                      + "; its timings in the tables are the first training's.")
         if reruns:
             L_.append("")
     if missing:
