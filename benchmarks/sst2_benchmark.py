@@ -842,10 +842,7 @@ def write_report(args: argparse.Namespace, quiet: bool = False) -> None:
                 verdicts[m][k] = "pending"
                 continue
             mu, sd = mean_std(d)
-            if abs(mu) >= 2 * sd and mu != 0:
-                v = "↑" if mu > 0 else "↓"
-            else:
-                v = "≈"
+            v = two_sd_verdict(mu, sd)
             verdicts[m][k] = v
             cells.append(f"{mu:+.2f} ± {sd:.2f} {v}")
         L_.append(f"| {LABELS[m]} | {len(rs)} | " + " | ".join(cells) + " |")
@@ -1041,6 +1038,11 @@ TEXT_COLS = [("clean_acc", "clean acc", 100.0), ("attack_acc", "acc under attack
              ("perturbed_word_pct", "words perturbed (%)", 1.0)]
 
 
+def two_sd_verdict(mu: float, sd: float) -> str:
+    """The report's rule for a paired difference: ↑ / ↓ when its mean is at least 2 standard deviations from 0, else ≈."""
+    return ("↑" if mu > 0 else "↓") if abs(mu) >= 2 * sd and mu != 0 else "≈"
+
+
 def text_attack_cells(rs: List[Dict[str, Any]], single: bool = False) -> List[str]:
     """Mean ± std over the runs' DeepWordBug summaries; ``single``: one run's values."""
     done = [r["text_attack"]["summary"] for r in rs if r.get("text_attack")]
@@ -1063,7 +1065,7 @@ def text_attack_differences(methods: List[str], final: Dict[str, List[Dict[str, 
         for k, _ in cols:
             d = [100 * (r["text_attack"]["summary"][k] - base[r["seed"]]["text_attack"]["summary"][k]) for r in rs]
             mu, sd = mean_std(d)
-            v = ("↑" if mu > 0 else "↓") if abs(mu) >= 2 * sd and mu != 0 else "≈"
+            v = two_sd_verdict(mu, sd)
             cells.append(f"{mu:+.2f} ± {sd:.2f} {v}")
         rows.append(f"| {LABELS[m]} | {len(rs)} | " + " | ".join(cells) + " |")
     if not rows:

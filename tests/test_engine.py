@@ -84,10 +84,10 @@ def test_inner_passes_compute_only_the_perturbed_gradients_and_change_no_bit(mak
         ids, y = _batch()
         weight_grads = []
         model.head.weight.register_hook(lambda g: weight_grads.append(1))
-        if full:
-            monkeypatch.setattr(AttackStep, "gradients_only_for", lambda self, params: contextlib.nullcontext())
-        adversarial_backward(model, [make(model)], lambda: F.cross_entropy(model(ids), y))
-        monkeypatch.undo()
+        with monkeypatch.context() as mp:  # (not monkeypatch.undo(): that would also undo conftest's chdir)
+            if full:
+                mp.setattr(AttackStep, "gradients_only_for", lambda self, params: contextlib.nullcontext())
+            adversarial_backward(model, [make(model)], lambda: F.cross_entropy(model(ids), y))
         assert all(p.requires_grad for p in model.parameters())
         return [p.grad.clone() for p in model.parameters()], len(weight_grads)
 
