@@ -233,7 +233,7 @@ def _replay_all(entries, predict):
         assert r.queries == entry["total_queries"], where
         assert r.queries == entry["num_queries"], where  # TextAttack's AttackResult.num_queries: the total too
         assert r.words_changed == entry["words_changed"], where
-        # the score is a float32 probability: another CPU's kernels round it differently (1.2e-6 seen in CI)
+        # the score is a float32 probability: another CPU's kernels round it differently (1.2e-6 on an AMD EPYC host, recorded on an Intel Xeon)
         assert r.score == pytest.approx(entry["score"], abs=1e-5), where
 
 
