@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from cost import clocks  # noqa: E402
+from cost import allocator, clocks  # noqa: E402
 from cost.config import LR, METHODS, MODELS, PARAMETER_METHODS, PRECISIONS, bar, peak_variants, short, tolerance  # noqa: E402
 from cost.memory import measure_peaks  # noqa: E402
 from cost.models import machine, quiet  # noqa: E402
@@ -64,6 +64,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=sorted(CLOCK_WORDS), default=None,
                    help="clock of the main table (default: cpu on the CPU with one thread, else wall); both are recorded")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--malloc", choices=allocator.MODES, default="retain",
+                   help="host allocator: 'retain' keeps freed memory in the process (no page faults from the "
+                        "allocator's history; cost/allocator.py), 'system' keeps glibc's defaults")
     p.add_argument("--precision", default="fp32", help="fp32, fp16 (autocast + GradScaler) or bf16; comma-separated: one after the other")
     p.add_argument("--no-lightning", action="store_true", help="time the hand-written loop only")
     p.add_argument("--no-count", action="store_true", help="skip the load-free counts (FLOPs, operators, passes)")
@@ -170,6 +173,7 @@ def render(results: Dict[str, Any]) -> str:
         f"{mach['torch_threads']}), {mach['platform']}; Python {mach['python']}, torch {mach['torch']}, lightning "
         f"{mach.get('lightning', '?')}, transformers {mach.get('transformers', '?')}"
         + (f"; GPU {mach['gpu']}" if mach.get("gpu") else "") + ".", "",
+        f"Host allocator (`--malloc {a.get('malloc', 'system')}`): {results.get('malloc', allocator.DESCRIPTIONS['system'])}.", "",
         f"Device `{a['device']}`, precision `{a['precision']}`, AdamW (lr {LR}); {kwargs}. Rounds `{a['rounds']}`, "
         f"interleaved (every variant once per round, the order rotated by one each round); per round a loop variant "
         f"runs {a['block_warmup']} untimed + `{a['steps']}` timed steps, a Lightning variant one fit of a fresh "
@@ -262,7 +266,9 @@ def render(results: Dict[str, Any]) -> str:
 
     # times and load-free counts
     lines += ["", "## Times and counts per step", "",
-              f"Median time per step ({clock}, ms; all timed steps), and the load-free counts of one step: model "
+              f"Median time per step ({clock}, ms; all timed steps) and minor page faults per step (*faults*, "
+              "`getrusage`: pages mapped on first touch, which the host allocator decides), and the load-free counts "
+              "of one step: model "
               "forwards, backward traversals (to the logits; *full*: to the word-embedding weight), matrix-multiply GFLOP, "
               "ATen operators, MiB written by them, `_foreach_*` calls, MiB written by copies, Python calls inside "
               "`lightning_adv`:", ""]
@@ -270,10 +276,11 @@ def render(results: Dict[str, Any]) -> str:
     for res in results["models"]:
         for v, ms in res["median_ms"][clock].items():
             c = res["counts"].get(v)
-            rows.append([res["model"], v, f"{ms:.1f}"] + (
+            faults = res.get("median_faults", {}).get(v)
+            rows.append([res["model"], v, f"{ms:.1f}", "–" if faults is None else f"{faults:.0f}"] + (
                 [c["forwards"], f"{c['backwards']} ({c['weight_backwards']})", f"{c['flops'] / 1e9:.2f}", c["ops"],
                  f"{c['bytes'] / 2**20:.1f}", c["foreach"], f"{c['copies'] / 2**20:.1f}", c["py_calls"]] if c else ["–"] * 8))
-    lines += _table(["model", "variant", "ms", "forwards", "backwards (full)", "GFLOP", "ops", "MiB written", "foreach",
+    lines += _table(["model", "variant", "ms", "faults", "forwards", "backwards (full)", "GFLOP", "ops", "MiB written", "foreach",
                      "MiB copied", "Python calls"], rows)
     arith = [(res, m) for res in results["models"] for m in methods if f"ours_{m}" in res["arithmetic_ms"]]
     if arith:
@@ -383,6 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     quiet()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    malloc = allocator.configure(args.malloc)  # before the models are built
     clocks.one_thread(args.threads if args.threads else (1 if args.device == "cpu" else None))
     if args.clock is None:
         args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
@@ -395,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                        block_warmup=args.block_warmup, lightning_warmup=args.lightning_warmup, batch=args.batch,
                        seq=args.seq, device=args.device, precision=precision, lightning=not args.no_lightning,
                        count=not args.no_count, peak_steps=args.peak_steps, verbose=args.verbose)
-        results: Dict[str, Any] = dict(machine=machine(), args=dict(vars(args)), command=command, models=[])
+        results: Dict[str, Any] = dict(machine=machine(), args=dict(vars(args)), command=command, malloc=malloc,
+                                       models=[])
         for name in [m for m in args.models.split(",") if m and m != "none"]:
             if args.verbose:
                 print(f"measuring {name} ({precision}) ...", flush=True)

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -83,6 +84,63 @@ def test_quick_benchmark_load_report(quick_run):
     assert set(results["models"][0]["clean_rounds"]) <= {0, 1}
     raw = results["models"][0]["steps_raw"]["plain"]
     assert len(raw) == 2 and all(s["wall"] > 0 and s["cpu"] > 0 for r in raw for s in r)
+
+
+def test_quick_benchmark_records_the_allocator(quick_run):
+    """The report says which host allocator the run used (``--malloc retain`` by default) and the minor page
+    faults per step of every variant."""
+    text, results = quick_run
+    assert results["args"]["malloc"] == "retain"
+    if platform.libc_ver()[0] == "glibc":
+        assert results["malloc"] == allocator_descriptions()["retain"]
+    assert "Host allocator (`--malloc retain`)" in text and "| faults |" in text
+    faults = results["models"][0]["median_faults"]
+    assert set(faults) == set(results["models"][0]["median_ms"]["cpu"])
+    assert all(n >= 0 for n in faults.values())
+    assert all("faults" in s for r in results["models"][0]["steps_raw"]["plain"] for s in r)
+
+
+_FAULTS = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from cost.allocator import configure, minor_faults
+configure(sys.argv[1])
+counts = []
+for _ in range(16):  # a step's allocations, freed at its end: 48, 1, 4, 24 MiB, then 48 MiB more
+    before = minor_faults()
+    tensors = [torch.empty(n).fill_(1.0) for n in (12 * 2**20, 2**18, 2**20, 6 * 2**20)]
+    tensors.append(tensors[0] * 2)
+    del tensors
+    counts.append(minor_faults() - before)
+print(counts)
+"""
+
+
+def allocator_descriptions():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from cost.allocator import DESCRIPTIONS
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return DESCRIPTIONS
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_retained_memory_is_not_faulted_in_again():
+    """``--malloc retain``: once the steps have run a few times, most steps fault no page in (the memory freed by the
+    step before is reused; the heap still grows now and then, as freed blocks fragment); with glibc's defaults every
+    step maps its blocks of over 32 MiB afresh (48 MiB: 12,288 pages of 4 KiB)."""
+    def run(mode):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode, os.path.join(ROOT, "benchmarks")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    retain, system = run("retain"), run("system")
+    assert sorted(retain[-8:])[4] <= 64, retain  # measured: 0 in 6-8 of the last 8 steps
+    assert min(system[-8:]) >= 12 * 2**20 * 4 // 4096, system  # at least the 48 MiB block's pages, every step
+    assert sum(retain[-8:]) < sum(system[-8:]) / 3, (retain, system)  # measured: at most 18,432 against 98,312
 
 
 def test_quick_benchmark_counts_the_passes(quick_run):

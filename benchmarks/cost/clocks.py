@@ -8,6 +8,8 @@ Every timed interval records two clocks and two load signals:
 * ``wait``: the seconds the measuring thread spent runnable but waiting for a core (Linux
   ``/proc/thread-self/schedstat``, second field); ``preempt``: involuntary context switches
   (``getrusage``). Both are 0 on a machine to ourselves.
+* ``faults``: minor page faults (``getrusage``): pages the kernel mapped and zeroed on first touch, whose count
+  depends on the allocator (:mod:`cost.allocator`), not on the load.
 
 X from CPU time is therefore far less sensitive to load than X from wall time: descheduling does not count. It is
 not immune: other jobs on the sibling cores share the caches and the memory bandwidth (and SMT siblings share a
@@ -23,7 +25,7 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,8 +55,10 @@ def _schedstat_wait() -> Optional[int]:
         return None
 
 
-def _preemptions() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+def _preemptions_and_faults() -> Tuple[int, int]:
+    """Involuntary context switches and minor page faults of the process so far (``getrusage``)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nivcsw, usage.ru_minflt
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Sample:
     cpu: float
     wait: Optional[float] = None
     preempt: Optional[int] = None
+    faults: Optional[int] = None
 
     def get(self, clock: str) -> float:
         return getattr(self, clock)
@@ -76,21 +81,21 @@ class Sample:
 class Stamp:
     """The start of an interval; :meth:`since` closes it."""
 
-    __slots__ = ("wall", "cpu", "wait", "preempt")
+    __slots__ = ("wall", "cpu", "wait", "preempt", "faults")
 
     def __init__(self) -> None:
         self.wait = _schedstat_wait()
-        self.preempt = _preemptions()
+        self.preempt, self.faults = _preemptions_and_faults()
         self.cpu = time.process_time()
         self.wall = time.perf_counter()
 
     def since(self) -> Sample:
         wall, cpu = time.perf_counter(), time.process_time()
-        wait, preempt = _schedstat_wait(), _preemptions()
+        wait, (preempt, faults) = _schedstat_wait(), _preemptions_and_faults()
         return Sample(
             wall=wall - self.wall, cpu=cpu - self.cpu,
             wait=None if wait is None or self.wait is None else (wait - self.wait) * 1e-9,
-            preempt=preempt - self.preempt,
+            preempt=preempt - self.preempt, faults=faults - self.faults,
         )
 
 

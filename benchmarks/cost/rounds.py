@@ -22,7 +22,7 @@ from cost.lightning_runner import LightningRunner
 from cost.loop import Loop, cuda_peaks, saved_state, sync_counts
 from cost.models import build_model, make_batch
 from cost.opcount import count_step, x_flops
-from cost.stats import clean_rounds, median_ms, round_medians, x_table
+from cost.stats import clean_rounds, median_faults, median_ms, round_medians, x_table
 
 CLOCKS = ("cpu", "wall")
 
@@ -120,6 +120,7 @@ def measure_model(name: str, o: Options) -> Dict[str, Any]:
         clean_rounds=keep,
         X_wall_clean=x_table(rounds, o.methods, "wall", lightning, keep=keep) if len(keep) >= 3 else None,
         median_ms={c: median_ms(rounds, c) for c in CLOCKS},
+        median_faults=median_faults(rounds),
         arithmetic_ms={v: 1e3 * sorted(ts)[len(ts) // 2] for v, ts in arithmetic.items()},
         counts=counts,
         X_flops={v: x_flops(counts, v, "L_plain" if v.startswith("L_") else "plain")

@@ -91,6 +91,11 @@ def median_ms(rounds: Rounds, clock: str) -> Dict[str, float]:
     return {v: 1e3 * statistics.median(s.get(clock) for r in steps for s in r) for v, steps in rounds.items()}
 
 
+def median_faults(rounds: Rounds) -> Dict[str, float]:
+    """Per variant: the median of the minor page faults of its timed steps (:mod:`cost.allocator`)."""
+    return {v: statistics.median(s.faults or 0 for r in steps for s in r) for v, steps in rounds.items()}
+
+
 def verdict(x: Dict[str, Any], method: str) -> str:
     """``yes``: the whole interval at or under the method's bar (limit + its tolerance: 0.10, NEFTune 0.05); ``no``:
     the whole interval above; else ``undecided``."""
