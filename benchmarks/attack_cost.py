@@ -54,6 +54,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
     p.add_argument("--rounds", default="small:13,minilm:9", help="interleaved rounds: a count, or per model (small:13,minilm:9)")
     p.add_argument("--steps", default="small:3,minilm:2", help="timed steps per variant and round (a count, or per model)")
+    p.add_argument("--design", choices=("paired", "blocks"), default="paired",
+                   help="paired: X from steps run seconds apart (cycles of one step per variant; Lightning fits "
+                        "attacking every other step; cost/paired.py); blocks: every variant's steps in a block, X from "
+                        "the blocks' medians per round (cost/rounds.py)")
     p.add_argument("--block-warmup", type=int, default=1, help="untimed steps of a loop variant in every round")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps of every loop variant before the rounds")
     p.add_argument("--lightning-warmup", type=int, default=1, help="steps dropped at the start of every fit")
@@ -159,6 +163,34 @@ def diagnose(results: Dict[str, Any], clock: str) -> List[str]:
     return out
 
 
+def _design(a: Dict[str, Any]) -> str:
+    """How the steps were ordered (the command's ``--design``)."""
+    if a.get("design", "blocks") == "paired":
+        return (f"Design `paired` (`benchmarks/cost/paired.py`): `{a['rounds']}` rounds; in each, per method (the "
+                f"methods' order rotated by one each round), `{a['steps']}` loop cycles of one step of every variant it "
+                "needs (fwd_bwd, plain, baseline, ours; the order rotated by one each cycle) and one fit of a fresh "
+                f"`Trainer` whose callback attacks every other step (2 untimed steps, then `{a['steps']}` adjacent "
+                "pairs: plain, attacked).")
+    return (f"Design `blocks`: rounds `{a['rounds']}`, interleaved (every variant once per round, the order rotated by "
+            f"one each round); per round a loop variant runs {a['block_warmup']} untimed + `{a['steps']}` timed steps, "
+            f"a Lightning variant one fit of a fresh `Trainer` ({a['lightning_warmup']} untimed + `{a['steps']}` timed "
+            "steps).")
+
+
+def _x_words(a: Dict[str, Any]) -> str:
+    """How X and its spread are computed, by design."""
+    if a.get("design", "blocks") == "paired":
+        return ("X_c is computed within each cycle from its own steps, seconds apart; **X is the median of X_c over "
+                "the cycles** (rounds × steps), [brackets]: 90% bootstrap interval of that median (cycles resampled), "
+                "*IQR*: interquartile range of X_c. *Lightning*: X_c from a pair of adjacent steps of one fit, the plain "
+                "one as T_plain and its own forward + backward (phase timer) as the unit. Differences (*ours − "
+                "baseline*, *Lightning − loop*) are paired within cycles.")
+    return ("Per round, each T is the median of the variant's timed steps and X_r is computed within the round; **X is "
+            "the median of X_r over the rounds**, [brackets]: 90% bootstrap interval of that median (rounds "
+            "resampled), *IQR*: interquartile range of X_r. Differences (*ours − baseline*, *Lightning − loop*) are "
+            "paired within rounds. *Lightning* uses the plain Lightning step as T_plain.")
+
+
 def render(results: Dict[str, Any]) -> str:
     mach, a = results["machine"], results["args"]
     methods: List[str] = a["method_list"]
@@ -174,10 +206,7 @@ def render(results: Dict[str, Any]) -> str:
         f"{mach.get('lightning', '?')}, transformers {mach.get('transformers', '?')}"
         + (f"; GPU {mach['gpu']}" if mach.get("gpu") else "") + ".", "",
         f"Host allocator (`--malloc {a.get('malloc', 'system')}`): {results.get('malloc', allocator.DESCRIPTIONS['system'])}.", "",
-        f"Device `{a['device']}`, precision `{a['precision']}`, AdamW (lr {LR}); {kwargs}. Rounds `{a['rounds']}`, "
-        f"interleaved (every variant once per round, the order rotated by one each round); per round a loop variant "
-        f"runs {a['block_warmup']} untimed + `{a['steps']}` timed steps, a Lightning variant one fit of a fresh "
-        f"`Trainer` ({a['lightning_warmup']} untimed + `{a['steps']}` timed steps). Ours in the loop: "
+        f"Device `{a['device']}`, precision `{a['precision']}`, AdamW (lr {LR}); {kwargs}. " + _design(a) + " Ours in the loop: "
         "`method.attack_backward(closure, backward)` after the clean backward (FGM, AWP, PGD, SAM), "
         "`lightning_adv.adversarial_backward(model, [method], loss_fn, backward)` for the whole micro-batch (FreeLB, "
         "R3F, R-Drop, SMART, VAT, Momentum-SAM on the loop's AdamW, NEFTune; the snippets run the whole micro-batch too). "
@@ -240,11 +269,7 @@ def render(results: Dict[str, Any]) -> str:
     lines += [
         "", f"## X by {CLOCK_WORDS[clock]}", "",
         "**X = (T_attack − T_plain) / T_fwd+bwd**, the extra cost of the attack in units of one forward+backward "
-        "(no optimizer step) of the same batch; *limit*: the number of adversarial passes. Per round, each T is the "
-        "median of the variant's timed steps and X_r is computed within the round; **X is the median of X_r over the "
-        "rounds**, [brackets]: 90% bootstrap interval of that median (rounds resampled), *IQR*: interquartile range of "
-        "X_r. Differences (*ours − baseline*, *Lightning − loop*) are paired within rounds. *Lightning* uses the plain "
-        "Lightning step as T_plain. Load-free columns (`benchmarks/cost/opcount.py`): *extra passes*: model forwards "
+        "(no optimizer step) of the same batch; *limit*: the number of adversarial passes. " + _x_words(a) + " Load-free columns (`benchmarks/cost/opcount.py`): *extra passes*: model forwards "
         "and backward traversals beyond the clean one, counted in one step; *X by FLOPs*: the same ratio with "
         "matrix-multiply FLOPs instead of times, the compute floor. *bar*: the limit plus the issue's tolerance "
         f"({_tolerances(methods)}). Last column: *yes* when the whole interval is at or under the bar, *no* when it "
@@ -402,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         opts = Options(methods=args.method_list, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
                        block_warmup=args.block_warmup, lightning_warmup=args.lightning_warmup, batch=args.batch,
                        seq=args.seq, device=args.device, precision=precision, lightning=not args.no_lightning,
-                       count=not args.no_count, peak_steps=args.peak_steps, verbose=args.verbose)
+                       count=not args.no_count, peak_steps=args.peak_steps, verbose=args.verbose, design=args.design)
         results: Dict[str, Any] = dict(machine=machine(), args=dict(vars(args)), command=command, malloc=malloc,
                                        models=[])
         for name in [m for m in args.models.split(",") if m and m != "none"]:

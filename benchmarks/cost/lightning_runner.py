@@ -209,6 +209,48 @@ class LightningRunner:
             self.phases.setdefault(variant, []).extend(timer.phases.steps[warmup:])
         return timer.times[warmup:]
 
+    def alternating_callback(self, method: str) -> Any:
+        """The method's callback, attacking every other step only: the odd optimizer steps (its public
+        ``wants_attack``, as ``SAMCallback(interval=...)`` overrides it); on the even steps it is attached and idle."""
+        base = type(self.callback(method))
+
+        class Alternating(base):  # type: ignore[misc, valid-type]
+            def wants_attack(self, trainer: Any) -> bool:
+                return super().wants_attack(trainer) and trainer.global_step % 2 == 1
+
+        Alternating.__name__ = Alternating.__qualname__ = base.__name__
+        return Alternating(**METHODS[method]["kw"])
+
+    def fit_alternating(self, method: str, pairs: int, warmup: int = 2) -> List[Dict[str, Sample]]:
+        """One fit whose callback attacks every other step: ``warmup`` untimed steps (even: one plain, one attacked),
+        then ``pairs`` adjacent pairs (a plain step, then an attacked one). Per pair: ``L_plain``, ``L_<method>`` and
+        ``L_unit``, the forward+backward of the plain step (the phase timer's ``forward`` + ``backward``)."""
+        if warmup % 2:
+            raise ValueError(f"fit_alternating(warmup={warmup}): an even count keeps the pairs (plain, attacked)")
+        timer, callback = self.parts["StepTimer"](self.device), self.alternating_callback(method)
+        trainer = self.parts["L"].Trainer(
+            accelerator=self.device.type, devices=1, max_steps=warmup + 2 * pairs, precision=PRECISIONS[self.precision],
+            callbacks=[timer, callback], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        data = torch.utils.data.DataLoader(RepeatBatch(self.batch, warmup + 2 * pairs), batch_size=None)
+        trainer.fit(self.module, train_dataloaders=data)
+        self.module.to(self.device)
+        if callback.attacks != warmup // 2 + pairs:
+            raise RuntimeError(f"{method}: {callback.attacks} attacks in a fit of {warmup + 2 * pairs} alternating steps")
+        times, phases = timer.times[warmup:], timer.phases.steps[warmup:]
+        out = []
+        for i in range(pairs):
+            plain, attacked = phases[2 * i], phases[2 * i + 1]
+            if plain["adv_forward"]["calls"] or attacked["adv_forward"]["calls"] != METHODS[method]["limit"]:
+                raise RuntimeError(f"{method}: the fit did not alternate plain and attacked steps")
+            unit = Sample(wall=plain["forward"]["wall"] + plain["backward"]["wall"],
+                          cpu=plain["forward"]["cpu"] + plain["backward"]["cpu"])
+            out.append({"L_plain": times[2 * i], f"L_{method}": times[2 * i + 1], "L_unit": unit})
+            self.phases.setdefault("L_plain", []).append(plain)
+            self.phases.setdefault(f"L_{method}", []).append(attacked)
+        return out
+
     def count(self, variant: str) -> Dict[str, Any]:
         """The load-free counts (:mod:`cost.opcount`) of the second step of a fit."""
         self.fit(variant, steps=1, warmup=1, count_ops=True)
