@@ -62,6 +62,8 @@ def test_quick_benchmark_writes_the_table(quick_run):
     assert "Machine:" in text and "torch" in text and "cores" in text and "## Load" in text
     (res,) = results["models"]
     assert results["args"]["clock"] == "cpu" and results["machine"]["torch_threads"] == 1  # one thread, CPU time
+    assert res["design"] == "paired" and res["cycles"] == {m: 2 for m in METHODS}  # 2 rounds x 1 step
+    assert "Design `paired`" in text and "**X is the median of X_c over the cycles**" in text
     for clock in ("cpu", "wall"):
         for method in METHODS:
             for key in ("ref", "ours", "ours_minus_ref", "lightning", "lightning_minus_loop"):
@@ -84,6 +86,55 @@ def test_quick_benchmark_load_report(quick_run):
     assert set(results["models"][0]["clean_rounds"]) <= {0, 1}
     raw = results["models"][0]["steps_raw"]["plain"]
     assert len(raw) == 2 and all(s["wall"] > 0 and s["cpu"] > 0 for r in raw for s in r)
+
+
+def _paired():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from cost.clocks import Sample
+        from cost.paired import x_paired
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return Sample, x_paired
+
+
+def test_paired_x_is_taken_within_each_cycle():
+    """The paired design: X per cycle from that cycle's own steps, so a burst that slows a whole cycle leaves its X
+    as it is, and one slow step is one outlier cycle, which the median discards."""
+    Sample, x_paired = _paired()
+
+    def cycle(speed, fwd_bwd=1.0, plain=1.2, ref=2.4, ours=2.2):
+        return {v: Sample(wall=t * speed, cpu=t * speed) for v, t in
+                dict(fwd_bwd=fwd_bwd, plain=plain, ref_fgm=ref, ours_fgm=ours).items()}
+
+    def pair(speed, plain=1.3, attacked=2.4, unit=1.1):
+        return {k: Sample(wall=t * speed, cpu=t * speed) for k, t in
+                {"L_plain": plain, "L_fgm": attacked, "L_unit": unit}.items()}
+
+    loop = {"fgm": [cycle(1.0), cycle(1.5), cycle(1.0, ours=3.2), cycle(0.9), cycle(1.2)]}  # a burst, one slow step
+    lightning = {"fgm": [pair(1.0), pair(1.4), pair(1.0), pair(1.0, attacked=4.0), pair(1.1)]}
+    rounds_of = {"fgm": [0, 0, 1, 1, 2]}
+    x = x_paired(loop, lightning, rounds_of, ["fgm"], "cpu")["fgm"]
+    assert x["ours"]["value"] == pytest.approx(1.0) and x["ours"]["rounds"][1] == pytest.approx(1.0)
+    assert x["ref"]["value"] == pytest.approx(1.2) and x["ours_minus_ref"]["value"] == pytest.approx(-0.2)
+    assert x["lightning"]["value"] == pytest.approx(1.0) and x["lightning"]["n"] == 5
+    assert x["lightning_minus_loop"]["value"] == pytest.approx(0.0)
+    kept = x_paired(loop, lightning, rounds_of, ["fgm"], "cpu", keep=[1])["fgm"]  # the cycles of round 1 only
+    assert kept["ours"]["n"] == 2 and kept["ours"]["rounds"] == pytest.approx([2.0, 1.0])
+
+
+def test_blocks_design_still_runs(tmp_path):
+    """``--design blocks``: every variant's steps in a block, X from the blocks' medians per round."""
+    js = tmp_path / "blocks.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--design", "blocks", "--methods", "fgm,rdrop",
+                           "--no-count", "--json", str(js)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Design `blocks`" in proc.stdout
+    (res,) = json.loads(js.read_text())["models"]
+    assert res["design"] == "blocks" and "cycles" not in res
+    for method in ("fgm", "rdrop"):
+        _assert_spread(res["X"]["cpu"][method]["ours"])
+        _assert_spread(res["X"]["cpu"][method]["lightning"])
 
 
 def test_quick_benchmark_records_the_allocator(quick_run):
