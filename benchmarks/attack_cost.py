@@ -13,9 +13,9 @@ the issue's tolerance (0.10; NEFTune 0.05).
 Usage::
 
     python benchmarks/attack_cost.py --quick                        # a tiny BERT, ~20 s (the smoke test)
-    nice -n 5 python benchmarks/attack_cost.py --models small,minilm --rounds small:13,minilm:9 \\
-        --steps small:3,minilm:2 --out benchmarks/results/attack_cost.md \\
-        --json benchmarks/results/attack_cost.json -v               # the full CPU table, one thread (~50 min)
+    python benchmarks/attack_cost.py --models small,minilm --rounds 7 --steps 3 --threads 1 --peak-model none \\
+        --out benchmarks/results/attack_cost.md --json benchmarks/results/attack_cost.json -v
+                                                                    # the full CPU table, one thread (~41 min)
     python benchmarks/attack_cost.py --methods freelb,pgd --no-lightning --peak-model none   # a subset
     python benchmarks/attack_cost.py --device cuda --precision bf16,fp16,fp32 --models minilm,base --batch 32 --seq 128
 """
@@ -52,8 +52,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="small,minilm", help=f"comma-separated, among {', '.join(MODELS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
-    p.add_argument("--rounds", default="small:13,minilm:9", help="interleaved rounds: a count, or per model (small:13,minilm:9)")
-    p.add_argument("--steps", default="small:3,minilm:2", help="timed steps per variant and round (a count, or per model)")
+    p.add_argument("--rounds", default="7", help="interleaved rounds: a count, or per model (small:13,minilm:9)")
+    p.add_argument("--steps", default="3", help="timed steps per variant and round (paired: cycles per method and "
+                                               "round); a count, or per model")
     p.add_argument("--design", choices=("paired", "blocks"), default="paired",
                    help="paired: X from steps run seconds apart (cycles of one step per variant; Lightning fits "
                         "attacking every other step; cost/paired.py); blocks: every variant's steps in a block, X from "
