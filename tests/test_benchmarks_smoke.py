@@ -88,20 +88,11 @@ def test_quick_benchmark_load_report(quick_run):
     assert len(raw) == 2 and all(s["wall"] > 0 and s["cpu"] > 0 for r in raw for s in r)
 
 
-def _paired():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from cost.clocks import Sample
-        from cost.paired import x_paired
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return Sample, x_paired
-
-
 def test_paired_x_is_taken_within_each_cycle():
     """The paired design: X per cycle from that cycle's own steps, so a burst that slows a whole cycle leaves its X
     as it is, and one slow step is one outlier cycle, which the median discards."""
-    Sample, x_paired = _paired()
+    from cost.clocks import Sample  # benchmarks/ is on sys.path (conftest.py)
+    from cost.paired import x_paired
 
     def cycle(speed, fwd_bwd=1.0, plain=1.2, ref=2.4, ours=2.2):
         return {v: Sample(wall=t * speed, cpu=t * speed) for v, t in
@@ -140,10 +131,12 @@ def test_blocks_design_still_runs(tmp_path):
 def test_quick_benchmark_records_the_allocator(quick_run):
     """The report says which host allocator the run used (``--malloc retain`` by default) and the minor page
     faults per step of every variant."""
+    from cost.allocator import DESCRIPTIONS
+
     text, results = quick_run
     assert results["args"]["malloc"] == "retain"
     if platform.libc_ver()[0] == "glibc":
-        assert results["malloc"] == allocator_descriptions()["retain"]
+        assert results["malloc"] == DESCRIPTIONS["retain"]
     assert "Host allocator (`--malloc retain`)" in text and "| faults |" in text
     faults = results["models"][0]["median_faults"]
     assert set(faults) == set(results["models"][0]["median_ms"]["cpu"])
@@ -166,15 +159,6 @@ for _ in range(16):  # a step's allocations, freed at its end: 48, 1, 4, 24 MiB,
     counts.append(minor_faults() - before)
 print(counts)
 """
-
-
-def allocator_descriptions():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from cost.allocator import DESCRIPTIONS
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return DESCRIPTIONS
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -185,10 +185,25 @@ class LightningRunner:
         self.device, self.precision, self.methods = device, precision, list(methods)
         self.phases: Dict[str, List[Dict[str, Any]]] = {}
 
-    def callback(self, method: str) -> Any:
+    @staticmethod
+    def callback_class(method: str) -> Any:
         import lightning_adv
 
-        return getattr(lightning_adv, METHODS[method]["callback"])(**METHODS[method]["kw"])
+        return getattr(lightning_adv, METHODS[method]["callback"])
+
+    def callback(self, method: str) -> Any:
+        return self.callback_class(method)(**METHODS[method]["kw"])
+
+    def _fit(self, callbacks: List[Any], steps: int) -> None:
+        """One fit of a fresh ``Trainer`` with ``callbacks``, ``steps`` optimizer steps on the repeated batch."""
+        trainer = self.parts["L"].Trainer(
+            accelerator=self.device.type, devices=1, max_steps=steps, precision=PRECISIONS[self.precision],
+            callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        data = torch.utils.data.DataLoader(RepeatBatch(self.batch, steps), batch_size=None)
+        trainer.fit(self.module, train_dataloaders=data)
+        self.module.to(self.device)  # Lightning moves the module back to the CPU after fit; the loop shares the model
 
     def fit(self, variant: str, steps: int, warmup: int, count_syncs: bool = False, count_ops: bool = False) -> List[Sample]:
         timer = self.parts["StepTimer"](self.device, count_syncs, phases=not (count_syncs or count_ops),
@@ -197,14 +212,7 @@ class LightningRunner:
         callbacks: List[Any] = [timer]
         if variant != "L_plain":
             callbacks.append(self.callback(variant[2:]))
-        trainer = self.parts["L"].Trainer(
-            accelerator=self.device.type, devices=1, max_steps=warmup + steps, precision=PRECISIONS[self.precision],
-            callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        )
-        data = torch.utils.data.DataLoader(RepeatBatch(self.batch, warmup + steps), batch_size=None)
-        trainer.fit(self.module, train_dataloaders=data)
-        self.module.to(self.device)  # Lightning moves the module back to the CPU after fit; the loop shares the model
+        self._fit(callbacks, warmup + steps)
         if timer.phases is not None:
             self.phases.setdefault(variant, []).extend(timer.phases.steps[warmup:])
         return timer.times[warmup:]
@@ -212,7 +220,7 @@ class LightningRunner:
     def alternating_callback(self, method: str) -> Any:
         """The method's callback, attacking every other step only: the odd optimizer steps (its public
         ``wants_attack``, as ``SAMCallback(interval=...)`` overrides it); on the even steps it is attached and idle."""
-        base = type(self.callback(method))
+        base = self.callback_class(method)
 
         class Alternating(base):  # type: ignore[misc, valid-type]
             def wants_attack(self, trainer: Any) -> bool:
@@ -228,14 +236,7 @@ class LightningRunner:
         if warmup % 2:
             raise ValueError(f"fit_alternating(warmup={warmup}): an even count keeps the pairs (plain, attacked)")
         timer, callback = self.parts["StepTimer"](self.device), self.alternating_callback(method)
-        trainer = self.parts["L"].Trainer(
-            accelerator=self.device.type, devices=1, max_steps=warmup + 2 * pairs, precision=PRECISIONS[self.precision],
-            callbacks=[timer, callback], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        )
-        data = torch.utils.data.DataLoader(RepeatBatch(self.batch, warmup + 2 * pairs), batch_size=None)
-        trainer.fit(self.module, train_dataloaders=data)
-        self.module.to(self.device)
+        self._fit([timer, callback], warmup + 2 * pairs)
         if callback.attacks != warmup // 2 + pairs:
             raise RuntimeError(f"{method}: {callback.attacks} attacks in a fit of {warmup + 2 * pairs} alternating steps")
         times, phases = timer.times[warmup:], timer.phases.steps[warmup:]
